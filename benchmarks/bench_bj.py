@@ -1,0 +1,243 @@
+"""brokerjobs doing the benchmark's work through its public API: ``Publisher``, ``Worker`` and
+``ParkingLot``.
+
+Publishing: ``Publisher.publish_many`` (pipelined confirms, window ``settings.publish_window``).
+Consuming: a ``Worker`` running an ``App`` with one async handler; the worker validates each body
+into the pydantic job model, runs the handler, acks. Variants: the handler fails each job's first
+attempt (task ``retry``, variant ``fail``), or OpenTelemetry SDK providers are passed (task
+``consume``, variant ``otel``, see bench_otel.py).
+Replaying: ``ParkingLot(settings, queue).replay()`` of everything parked.
+Modules only some tasks need (parking, OpenTelemetry) are imported inside those tasks, so the
+consumer's peak RSS is not inflated by them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from bench_common import (
+    JOB_NAME,
+    RETRY_DELAY_S,
+    ChildConfig,
+    Countdown,
+    Result,
+    job_fields,
+    paced,
+    peak_rss_mb,
+    percentile,
+)
+from pydantic import BaseModel
+
+from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job, job
+from brokerjobs.telemetry import Telemetry
+
+# One short retry tier; a job failing twice is parked. Only the retry scenario's handler fails.
+RETRY = RetryPolicy(delays=(RETRY_DELAY_S,), max_attempts=2)
+
+
+@job(JOB_NAME)
+class BenchOrder(BaseModel):
+    order_id: int
+    customer: str
+    amount: float
+    currency: str
+    sent_at: float
+
+
+Handler = Callable[[BenchOrder], Awaitable[None]]
+
+
+async def _noop(_: BenchOrder) -> None:
+    return None
+
+
+def make_settings(cfg: ChildConfig) -> Settings:
+    return Settings(url=cfg.url, prefetch=cfg.prefetch, publish_window=cfg.window)
+
+
+def make_app(cfg: ChildConfig, handler: Handler = _noop) -> App:
+    """The benchmark app; the parent declares its topology, and both sides use its main queue."""
+    app = App(cfg.exchange, exchange=cfg.exchange)
+    app.queue(cfg.queue, JOB_NAME, prefetch=cfg.prefetch)
+    app.handler(BenchOrder, queue=cfg.queue, retry=RETRY)(handler)
+    return app
+
+
+def make_jobs(count: int) -> list[BenchOrder]:
+    return [BenchOrder(**job_fields(i)) for i in range(count)]
+
+
+async def _wait(done: asyncio.Event, worker_task: asyncio.Task[None]) -> None:
+    """Wait for ``done``; fail at once if the worker stops first."""
+    waiter = asyncio.ensure_future(done.wait())
+    try:
+        await asyncio.wait({waiter, worker_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not done.is_set():
+        worker_task.result()
+        raise RuntimeError("the worker stopped before all jobs were handled")
+
+
+async def _stop(worker: Worker, task: asyncio.Task[None]) -> None:
+    worker.stop()
+    await asyncio.wait_for(task, 30)
+
+
+async def _until_ready(worker: Worker, task: asyncio.Task[None]) -> None:
+    """Setup only (never inside a timed section): poll until the worker consumes."""
+    while not worker.ready:
+        if task.done():
+            task.result()
+            raise RuntimeError("the worker stopped during startup")
+        await asyncio.sleep(0.01)
+
+
+async def publish(cfg: ChildConfig) -> Result:
+    jobs = make_jobs(cfg.jobs)
+    async with Publisher(make_settings(cfg), exchange=cfg.exchange) as publisher:
+        started = time.perf_counter()
+        await publisher.publish_many(jobs)
+        elapsed = time.perf_counter() - started
+    return {"rate": cfg.jobs / elapsed}
+
+
+async def _drain(
+    cfg: ChildConfig, handler: Handler, done: asyncio.Event, telemetry: Telemetry | None = None
+) -> tuple[float, float]:
+    """Run a worker until ``done``; returns when it started, before connecting (perf_counter,
+    process_time)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    worker = Worker(make_app(cfg, handler), make_settings(cfg), telemetry=telemetry)
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            await _wait(done, task)
+    finally:
+        await _stop(worker, task)
+    return started, cpu_started
+
+
+async def consume(cfg: ChildConfig) -> Result:
+    import_rss = peak_rss_mb()
+    countdown = Countdown(cfg.jobs)
+
+    async def handler(_: BenchOrder) -> None:
+        countdown.tick()
+
+    if cfg.variant == "otel":
+        from bench_otel import SdkTelemetry
+
+        otel = SdkTelemetry()  # set up before the clock starts, like the worker's own imports
+        start = await _drain(cfg, handler, countdown.done, otel.telemetry)
+        checks = otel.counts()
+    else:
+        start = await _drain(cfg, handler, countdown.done)
+        checks = {}
+    rss = {"rss_mb": peak_rss_mb(), "import_rss_mb": import_rss}
+    return countdown.throughput(*start) | rss | checks
+
+
+class BenchFailure(Exception):
+    """What the retry scenario's handler raises on a job's first attempt."""
+
+
+async def retry(cfg: ChildConfig) -> Result:
+    """Variant ``ok``: drain ``cfg.jobs`` prefilled jobs. ``fail``: the same, but every job's
+    first attempt raises. ``paced``: ``cfg.jobs`` jobs published at ``cfg.rate``/s to a running
+    worker (no backlog), every first attempt raising.
+
+    A failing attempt notes when it raised; the second attempt's start minus that minus the tier
+    delay is the job's hop (settlement, tier, dead-lettering, waiting behind the backlog in the
+    main queue, redelivery).
+    """
+    fail = cfg.variant in ("fail", "paced")
+    countdown = Countdown(cfg.jobs)
+    failed_at: dict[int, float] = {}
+    hops_ms: list[float] = []
+
+    async def handler(order: BenchOrder) -> None:
+        now = time.perf_counter()
+        if fail:
+            if current_job().attempt == 1:
+                failed_at[order.order_id] = now
+                raise BenchFailure("the first attempt always fails")
+            hops_ms.append((now - failed_at.pop(order.order_id) - RETRY_DELAY_S) * 1000)
+        countdown.tick()
+
+    if cfg.variant == "paced":
+        await _paced_run(cfg, handler, countdown.done)
+        result = {}
+    else:
+        started, cpu_started = await _drain(cfg, handler, countdown.done)
+        drain_ms = (countdown.done_at - started) * 1000
+        cpu_us = (countdown.cpu_done_at - cpu_started) * 1e6
+        result = {
+            "drain_ms": drain_ms,
+            "per_job_ms": drain_ms / cfg.jobs,
+            "cpu_us_per_job": cpu_us / cfg.jobs,
+        }
+    if fail:
+        if len(hops_ms) != cfg.jobs or failed_at:
+            raise RuntimeError(f"{len(hops_ms)} hops for {cfg.jobs} jobs, {len(failed_at)} lost")
+        result |= {"hop_p50_ms": percentile(hops_ms, 50), "hop_p99_ms": percentile(hops_ms, 99)}
+    return result
+
+
+async def replay(cfg: ChildConfig) -> Result:
+    """Replay every job parked in ``<queue>.parked``: connect, scan, publish-confirm, ack."""
+    from brokerjobs.parking import ParkingLot
+
+    settings = make_settings(cfg)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    async with ParkingLot(settings, cfg.queue) as lot:
+        report = await lot.replay()
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+    if report.replayed != cfg.jobs or report.failed or report.invalid:
+        raise RuntimeError(
+            f"replayed {report.replayed} of {cfg.jobs} (scanned {report.scanned}, "
+            f"{len(report.failed)} failed, {len(report.invalid)} invalid)"
+        )
+    return {"rate": cfg.jobs / elapsed, "cpu_us_per_job": cpu / cfg.jobs * 1e6}
+
+
+async def _paced_run(cfg: ChildConfig, handler: Handler, done: asyncio.Event) -> None:
+    """One process: a worker, and ``cfg.jobs`` jobs published to it at ``cfg.rate``/s."""
+    worker = Worker(make_app(cfg, handler), make_settings(cfg))
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            await _until_ready(worker, task)
+            async with Publisher(make_settings(cfg), exchange=cfg.exchange) as publisher:
+
+                async def send(index: int) -> None:
+                    await publisher.publish(BenchOrder(**job_fields(index, sent_at=time.time())))
+
+                await paced(cfg.jobs, cfg.rate, send)
+                await _wait(done, task)
+    finally:
+        await _stop(worker, task)
+
+
+async def latency(cfg: ChildConfig) -> Result:
+    countdown = Countdown(cfg.jobs)
+
+    async def handler(order: BenchOrder) -> None:
+        countdown.tick(sent_at=order.sent_at)
+
+    await _paced_run(cfg, handler, countdown.done)
+    return countdown.latency()
+
+
+TASKS: dict[str, Callable[[ChildConfig], Awaitable[Result]]] = {
+    "publish": publish,
+    "consume": consume,
+    "latency": latency,
+    "retry": retry,
+    "replay": replay,
+}
+
+__all__ = ["TASKS", "BenchOrder", "make_app", "make_jobs", "make_settings"]

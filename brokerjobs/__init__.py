@@ -1,0 +1,37 @@
+"""brokerjobs: reliable background jobs over RabbitMQ."""
+
+from brokerjobs.app import App
+from brokerjobs.context import JobContext, current_job
+from brokerjobs.errors import (
+    BrokerJobsError,
+    BrokerUnreachable,
+    ConfigError,
+    PublishError,
+    TopologyMismatch,
+    UnroutableJob,
+)
+from brokerjobs.jobs import job
+from brokerjobs.outcomes import PermanentFailure, RetryLater
+from brokerjobs.publisher import Publisher
+from brokerjobs.retry import RetryPolicy
+from brokerjobs.settings import Settings
+from brokerjobs.worker import Worker
+
+__all__ = [
+    "App",
+    "BrokerJobsError",
+    "BrokerUnreachable",
+    "ConfigError",
+    "JobContext",
+    "PermanentFailure",
+    "PublishError",
+    "Publisher",
+    "RetryLater",
+    "RetryPolicy",
+    "Settings",
+    "TopologyMismatch",
+    "UnroutableJob",
+    "Worker",
+    "current_job",
+    "job",
+]

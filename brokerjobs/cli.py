@@ -1,0 +1,190 @@
+"""The ``brokerjobs`` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from brokerjobs import parking_cli
+from brokerjobs.app import App
+from brokerjobs.errors import BrokerJobsError, TopologyError
+from brokerjobs.health import probe
+from brokerjobs.logs import configure_logging
+from brokerjobs.settings import Settings, load_settings
+from brokerjobs.telemetry import configure_from_environment
+from brokerjobs.topology import declare
+from brokerjobs.transport import connect
+from brokerjobs.worker import run_worker
+
+log = logging.getLogger("brokerjobs.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def load_app(path: str) -> App:
+    """Import ``module:attribute`` and check that it is an App."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise BrokerJobsError(f"expected MODULE:APP (e.g. myservice.jobs:app), got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BrokerJobsError(f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise BrokerJobsError(f"{path!r} is not a brokerjobs App (got {type(app).__name__})")
+    return app
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        url=getattr(args, "url", None),
+        prefetch=getattr(args, "prefetch", None),
+        log_format=getattr(args, "log_format", None),
+    )
+
+
+async def _cmd_worker(args: argparse.Namespace) -> int:
+    app, settings = load_app(args.app), _settings(args)
+    if configure_from_environment(os.environ):
+        log.info("exporting traces and metrics over OTLP")
+    await run_worker(app, settings)
+    return EXIT_OK
+
+
+async def _cmd_scheduler(args: argparse.Namespace) -> int:
+    from brokerjobs.scheduler import run_scheduler
+
+    await run_scheduler(load_app(args.app), _settings(args))
+    return EXIT_OK
+
+
+async def _cmd_topology(args: argparse.Namespace) -> int:
+    topology = load_app(args.app).topology()
+    if args.action == "show":
+        print(topology.describe())
+        return EXIT_OK
+    settings = _settings(args)
+    connection = await connect(settings, "topology")
+    try:
+        await declare(connection, topology)
+    finally:
+        await connection.close()
+    print(f"declared exchange {topology.exchange} and {len(topology.queues)} queues")
+    return EXIT_OK
+
+
+async def _cmd_health(args: argparse.Namespace) -> int:
+    port = args.port or load_settings().health_port
+    if port is None:
+        print("brokerjobs: give --port or set BROKERJOBS_HEALTH_PORT", file=sys.stderr)
+        return EXIT_USAGE
+    path = "/healthz" if args.live else "/readyz"
+    healthy = await asyncio.to_thread(probe, port, path)
+    print(f"{path}: {'ok' if healthy else 'FAILING'}")
+    return EXIT_OK if healthy else EXIT_FAILURE
+
+
+async def _cmd_stats(args: argparse.Namespace) -> int:
+    topology = load_app(args.app).topology()
+    connection = await connect(_settings(args), "stats")
+    rows: list[dict[str, Any]] = []
+    try:
+        channel = await connection.channel(confirms=False)
+        for queue in topology.queues:
+            try:
+                state = await channel.inspect_queue(queue.name)
+            except TopologyError:
+                channel = await connection.channel(confirms=False)
+                rows.append({"queue": queue.name, "role": queue.role, "missing": True})
+                continue
+            rows.append(
+                {
+                    "queue": queue.name,
+                    "role": queue.role,
+                    "messages": state.messages,
+                    "consumers": state.consumers,
+                }
+            )
+    finally:
+        await connection.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'QUEUE':<50} {'ROLE':<8} {'MESSAGES':>9} {'CONSUMERS':>9}")
+        for row in rows:
+            if row.get("missing"):
+                print(f"{row['queue']:<50} {row['role']:<8} {'(not declared)':>19}")
+            else:
+                print(
+                    f"{row['queue']:<50} {row['role']:<8} "
+                    f"{row['messages']:>9} {row['consumers']:>9}"
+                )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brokerjobs", description=__doc__)
+    parser.add_argument("--url", help="AMQP URL (default: $BROKERJOBS_URL)")
+    parser.add_argument("--log-format", choices=["text", "json"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run an app's handlers")
+    worker.add_argument("app", metavar="MODULE:APP")
+    worker.add_argument("--prefetch", type=int, help="concurrent jobs per queue")
+    worker.set_defaults(handler=_cmd_worker)
+
+    scheduler = commands.add_parser("scheduler", help="publish an app's scheduled jobs")
+    scheduler.add_argument("app", metavar="MODULE:APP")
+    scheduler.set_defaults(handler=_cmd_scheduler)
+
+    topology = commands.add_parser("topology", help="show or declare the exchanges and queues")
+    topology.add_argument("action", choices=["show", "declare"])
+    topology.add_argument("app", metavar="MODULE:APP")
+    topology.set_defaults(handler=_cmd_topology)
+
+    health = commands.add_parser("health", help="probe a worker's health endpoint (exit 0/1)")
+    health.add_argument("--port", type=int, help="default: $BROKERJOBS_HEALTH_PORT")
+    health.add_argument("--live", action="store_true", help="/healthz instead of /readyz")
+    health.set_defaults(handler=_cmd_health)
+
+    stats = commands.add_parser("stats", help="depth and consumers of an app's queues")
+    stats.add_argument("app", metavar="MODULE:APP")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(handler=_cmd_stats)
+
+    parking_cli.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except BrokerJobsError as exc:
+        print(f"brokerjobs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_format, settings.log_level)
+    if "." not in sys.path and "" not in sys.path:
+        sys.path.insert(0, "")  # MODULE:APP resolves from the current directory, like uvicorn
+    handler: Callable[..., Any] = args.handler
+    try:
+        if args.command == "parked":
+            return int(asyncio.run(handler(args, settings)))
+        return int(asyncio.run(handler(args)))
+    except BrokerJobsError as exc:
+        print(f"brokerjobs: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

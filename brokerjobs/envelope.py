@@ -1,0 +1,195 @@
+"""The wire format: a typed job <-> AMQP body, properties and headers.
+
+Body: the job's JSON in UTF-8 (``content_type=application/json``). Properties: ``message_id``
+(unique job id), ``type`` (job name), ``timestamp``, ``delivery_mode=2``, ``priority``.
+Headers (all optional for foreign publishers): ``bj-attempt`` (1-based run number),
+``bj-schema-version``, and W3C trace context (``traceparent``/``tracestate``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from brokerjobs.jobs import JobSpec, spec_of
+
+CONTENT_TYPE = "application/json"
+JSON_CONTENT_TYPES = frozenset({CONTENT_TYPE, "text/json"})
+
+ATTEMPT = "bj-attempt"
+SCHEMA_VERSION = "bj-schema-version"
+REPLAYS = "bj-replays"
+ORIGIN_EXCHANGE = "bj-origin-exchange"
+ORIGIN_ROUTING_KEY = "bj-origin-routing-key"
+ORIGIN_QUEUE = "bj-origin-queue"
+ERROR_TYPE = "bj-error-type"
+ERROR_MESSAGE = "bj-error-message"
+ERROR_TRACEBACK = "bj-error-traceback"
+PARK_REASON = "bj-park-reason"
+FIRST_FAILED_AT = "bj-first-failed-at"
+LAST_FAILED_AT = "bj-last-failed-at"
+PARKED_AT = "bj-parked-at"
+WORKER = "bj-worker"
+TRACE_ID = "bj-trace-id"
+ORIGINAL_TRACEPARENT = "bj-original-traceparent"
+# Headers the broker owns: never carry them over when we republish (4.x ignores client x-death).
+BROKER_DEATH_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+)
+
+
+@dataclass(slots=True)
+class OutgoingMessage:
+    """A message ready to publish, independent of any AMQP library."""
+
+    body: bytes
+    message_id: str
+    job_name: str | None
+    priority: int
+    headers: dict[str, Any]
+    timestamp: datetime | None = None
+    content_type: str | None = CONTENT_TYPE
+    expiration_ms: int | None = None
+    persistent: bool = True
+    correlation_id: str | None = None
+    app_id: str | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A message as the broker delivered it, independent of any AMQP library."""
+
+    body: bytes
+    delivery_tag: int
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    message_id: str | None = None
+    job_name: str | None = None
+    content_type: str | None = None
+    priority: int | None = None
+    timestamp: datetime | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    app_id: str | None = None
+    expiration: str | None = None
+    persistent: bool = False
+
+    @property
+    def attempt(self) -> int:
+        return header_int(self.headers, ATTEMPT, default=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    spec: JobSpec
+    job: BaseModel
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """Why a delivery cannot become a job; it is parked with this reason."""
+
+    reason: str
+
+
+def new_job_id() -> str:
+    """32 random hex digits (as uuid4().hex, without the UUID object: the publish hot path)."""
+    return os.urandom(16).hex()
+
+
+def header_int(headers: Mapping[str, Any], key: str, default: int) -> int:
+    value = headers.get(key)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    try:
+        return int(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def copy_of(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
+    """The same job (body, id, properties) with new headers: for retries, parking and replays."""
+    return OutgoingMessage(
+        body=delivery.body,
+        message_id=delivery.message_id or new_job_id(),
+        job_name=delivery.job_name,
+        priority=delivery.priority or 0,
+        headers=headers,
+        timestamp=delivery.timestamp,
+        content_type=delivery.content_type,
+        correlation_id=delivery.correlation_id,
+        app_id=delivery.app_id,
+    )
+
+
+def encode(
+    job: BaseModel,
+    *,
+    priority: int | None = None,
+    message_id: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> OutgoingMessage:
+    spec = spec_of(job)
+    all_headers: dict[str, Any] = {ATTEMPT: 1, SCHEMA_VERSION: spec.version}
+    if headers:
+        all_headers.update(headers)
+    return OutgoingMessage(
+        body=job.__pydantic_serializer__.to_json(job),
+        message_id=message_id or new_job_id(),
+        job_name=spec.name,
+        priority=spec.priority if priority is None else priority,
+        headers=all_headers,
+        timestamp=datetime.now(),
+    )
+
+
+def decode(
+    delivery: Delivery, jobs: Mapping[str, JobSpec], max_body_bytes: int
+) -> Decoded | Undecodable:
+    """Turn a delivery into a validated job, or say exactly why it cannot be one."""
+    if len(delivery.body) > max_body_bytes:
+        return Undecodable(
+            f"body of {len(delivery.body)} bytes exceeds the limit of {max_body_bytes}"
+        )
+    # Foreign publishers may omit `type`: then the routing key (via our exchange) names the job.
+    name = delivery.job_name or delivery.routing_key
+    spec = jobs.get(name)
+    if spec is None:
+        known = ", ".join(sorted(jobs)) or "none"
+        return Undecodable(f"unknown job type {name!r} (this queue handles: {known})")
+    if delivery.content_type and delivery.content_type not in JSON_CONTENT_TYPES:
+        return Undecodable(f"content_type {delivery.content_type!r} is not {CONTENT_TYPE}")
+    try:
+        return Decoded(spec, spec.model.model_validate_json(delivery.body))
+    except ValidationError as exc:
+        return Undecodable(_explain_invalid(delivery.body, spec, exc))
+
+
+def _explain_invalid(body: bytes, spec: JobSpec, exc: ValidationError) -> str:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"body is not valid UTF-8 (byte {err.start}): {body[:32]!r}"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"malformed JSON: {err}"
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)[:5]
+    )
+    return f"payload does not match {spec.model.__name__} ({spec.name}): {problems}"

@@ -1,0 +1,240 @@
+"""``brokerjobs parked ...``: the operators' replay tool, thin over ``brokerjobs.parking``.
+
+Exit codes: 0 done, 1 broker or publish failure, 2 usage, 3 queue not found, 4 nothing matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from brokerjobs.errors import ParkingError
+from brokerjobs.parking import ParkedJob, ParkingLot, Report, Selection
+from brokerjobs.settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NOTHING = 0, 1, 2, 3, 4
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 10m, 2h or 7d")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"bad regex {text!r}: {exc}") from None
+
+
+def add_parser(commands: Any) -> None:
+    parked = commands.add_parser("parked", help="inspect, replay or purge parked jobs")
+    actions = parked.add_subparsers(dest="action", required=True)
+    for name, help_text in [
+        ("list", "list parked jobs (nothing moves)"),
+        ("show", "show one parked job: envelope and payload"),
+        ("replay", "send parked jobs back to their queue"),
+        ("purge", "delete parked jobs"),
+        ("export", "write parked jobs to a JSON Lines file (nothing moves)"),
+        ("import", "publish a JSON Lines export into the parking queue"),
+    ]:
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("queue", help="the main queue (its parking queue is QUEUE.parked)")
+        if name in ("export", "import"):
+            action.add_argument("file", type=Path)
+        if name == "show":
+            action.add_argument("id")
+        elif name != "import":
+            _add_filters(action)
+        if name == "list":
+            action.add_argument("--json", action="store_true", help="one JSON object per line")
+        if name == "replay":
+            action.add_argument("--dry-run", action="store_true", help="show what would move")
+            action.add_argument("--rate", type=float, help="at most N jobs per second")
+            action.add_argument("--validate", metavar="MODULE:APP", help="check payloads first")
+        if name == "purge":
+            action.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        action.set_defaults(handler=run)
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", action="append", default=[], help="job id (repeatable)")
+    parser.add_argument("--job", action="append", default=[], help="job name (repeatable)")
+    parser.add_argument("--error", help="error text contains (case-insensitive)")
+    parser.add_argument("--error-regex", type=regex, help="error matches this regex")
+    parser.add_argument("--older-than", type=duration, help="parked longer ago, e.g. 2h")
+    parser.add_argument("--newer-than", type=duration, help="parked more recently, e.g. 30m")
+    parser.add_argument("--limit", type=int, help="at most N jobs")
+
+
+def selection_from(args: argparse.Namespace) -> Selection:
+    return Selection(
+        ids=frozenset(getattr(args, "id", []) or []),
+        job_names=frozenset(getattr(args, "job", []) or []),
+        error_contains=getattr(args, "error", None),
+        error_regex=getattr(args, "error_regex", None),
+        older_than=getattr(args, "older_than", None),
+        newer_than=getattr(args, "newer_than", None),
+        limit=getattr(args, "limit", None),
+    )
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        async with ParkingLot(settings, args.queue) as lot:
+            return await _ACTIONS[args.action](lot, args)
+    except ParkingError as exc:
+        print(f"brokerjobs: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND if "does not exist" in str(exc) else EXIT_FAILED
+
+
+async def _list(lot: ParkingLot, args: argparse.Namespace) -> int:
+    report = await lot.list(selection_from(args))
+    if args.json:
+        for job in report.jobs:
+            print(json.dumps(job.summary()))
+    else:
+        print(_table(report.jobs))
+        print(f"{len(report.jobs)} of {report.scanned} parked job(s) in {lot.parking_queue}")
+    return EXIT_OK if report.jobs else EXIT_NOTHING
+
+
+async def _show(lot: ParkingLot, args: argparse.Namespace) -> int:
+    report = await lot.list(Selection(ids=frozenset({args.id})))
+    if not report.jobs:
+        print(f"brokerjobs: no parked job {args.id!r} in {lot.parking_queue}", file=sys.stderr)
+        return EXIT_NOTHING
+    for job in report.jobs:
+        print(json.dumps(_details(job), indent=2, default=str))
+    return EXIT_OK
+
+
+async def _replay(lot: ParkingLot, args: argparse.Namespace) -> int:
+    validate = None
+    if args.validate:
+        from brokerjobs.cli import load_app
+
+        app = load_app(args.validate)
+        validate = app.jobs(lot.queue)
+    report = await lot.replay(
+        selection_from(args),
+        dry_run=args.dry_run,
+        rate=args.rate,
+        validate=validate,
+        progress=_progress_printer(),
+    )
+    if args.dry_run:
+        print(_table(report.jobs))
+        print(f"dry run: {len(report.jobs)} job(s) would be replayed to {lot.queue}")
+    else:
+        print(f"replayed {report.replayed} job(s) to {lot.queue}; {report.kept} still parked")
+    for job_id, reason in report.invalid:
+        print(f"kept {job_id}: payload invalid: {reason}", file=sys.stderr)
+    for job_id, reason in report.failed:
+        print(f"kept {job_id}: replay not confirmed: {reason}", file=sys.stderr)
+    if report.failed:
+        return EXIT_FAILED
+    return EXIT_OK if report.jobs else EXIT_NOTHING
+
+
+async def _purge(lot: ParkingLot, args: argparse.Namespace) -> int:
+    selection = selection_from(args)
+    if not args.yes:
+        preview = await lot.list(selection)
+        if not preview.jobs:
+            print("nothing matches: no job purged")
+            return EXIT_NOTHING
+        if not sys.stdin.isatty():
+            print(
+                "brokerjobs: refusing to purge without --yes (no terminal to ask)", file=sys.stderr
+            )
+            return EXIT_USAGE
+        question = f"purge {len(preview.jobs)} job(s) from {lot.parking_queue}? [y/N] "
+        answer = await asyncio.to_thread(input, question)
+        if answer.strip().lower() not in ("y", "yes"):
+            print("aborted: nothing purged")
+            return EXIT_OK
+        selection = Selection(ids=frozenset(j.job_id for j in preview.jobs))
+    report = await lot.purge(selection)
+    print(f"purged {report.purged} job(s); {report.kept} still parked")
+    return EXIT_OK if report.purged else EXIT_NOTHING
+
+
+async def _export(lot: ParkingLot, args: argparse.Namespace) -> int:
+    report = await lot.export(args.file, selection_from(args))
+    print(f"exported {len(report.jobs)} job(s) to {args.file}; nothing was moved")
+    return EXIT_OK if report.jobs else EXIT_NOTHING
+
+
+async def _import(lot: ParkingLot, args: argparse.Namespace) -> int:
+    count = await lot.import_(args.file)
+    print(f"imported {count} job(s) into {lot.parking_queue}")
+    return EXIT_OK
+
+
+_ACTIONS = {
+    "list": _list,
+    "show": _show,
+    "replay": _replay,
+    "purge": _purge,
+    "export": _export,
+    "import": _import,
+}
+
+
+def _table(jobs: list[ParkedJob]) -> str:
+    rows = [("ID", "JOB", "ERROR", "ATTEMPTS", "PARKED AT")]
+    for job in jobs:
+        summary = job.summary()
+        error = summary["error"] if len(summary["error"]) <= 60 else summary["error"][:57] + "..."
+        rows.append(
+            (job.job_id, job.job_name, error, str(job.attempts), summary["parked_at"] or "-")
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def _details(job: ParkedJob) -> dict[str, Any]:
+    delivery = job.delivery
+    try:
+        payload: Any = json.loads(delivery.body)
+    except ValueError:
+        payload = repr(delivery.body[:2000])
+    return {
+        **job.summary(),
+        "payload": payload,
+        "properties": {
+            "content_type": delivery.content_type,
+            "priority": delivery.priority,
+            "timestamp": delivery.timestamp,
+            "correlation_id": delivery.correlation_id,
+        },
+        "headers": delivery.headers,
+    }
+
+
+def _progress_printer() -> Any:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(report: Report, total: int) -> None:
+        if report.scanned % 100 == 0 or report.scanned == total:
+            filled = int(30 * report.scanned / max(total, 1))
+            bar = "#" * filled + "-" * (30 - filled)
+            print(f"\r[{bar}] {report.scanned}/{total} scanned", end="", file=sys.stderr)
+            if report.scanned == total:
+                print(file=sys.stderr)
+
+    return show

@@ -1,0 +1,416 @@
+"""The scheduler: leads through a token queue and publishes each tick of an app's schedules once.
+
+Any number of ``brokerjobs scheduler`` instances may run; one leads. Leadership is a durable
+queue ``<exchange>.scheduler`` with ``x-single-active-consumer`` holding one *token* message, the
+JSON state "every tick up to T is done" per schedule. The broker delivers the token to one
+consumer only; it comes back to the queue (and on to the next instance) when that consumer's
+channel closes, so a killed leader hands over in milliseconds. The leader publishes a due tick's
+job with a deterministic message id, then publishes the updated token, then acks the old one:
+a crash in between can publish one tick twice (same message id), never lose it.
+See docs/scheduler.md for the rules and the reasoning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, encode
+from brokerjobs.errors import BrokerUnreachable, ConfigError, PublishError, UnroutableJob
+from brokerjobs.schedule import (
+    DEFAULT_GRACE,
+    EPOCH,
+    MAX_CATCH_UP,
+    MIN_INTERVAL,
+    CatchUp,
+    Cron,
+    Every,
+    Interval,
+    Rule,
+    Schedule,
+    ScheduleTarget,
+    State,
+    TickPlan,
+    at_or_before,
+    covers,
+    decode_state,
+    encode_state,
+    make_schedule,
+    merge_state,
+    plan_ticks,
+    tick_job_id,
+)
+from brokerjobs.settings import Settings, load_settings
+from brokerjobs.topology import declare
+from brokerjobs.transport import CONNECTION_ERRORS, Channel, Connection, connect
+
+if TYPE_CHECKING:
+    from brokerjobs.app import App
+
+log = logging.getLogger("brokerjobs.scheduler")
+
+SCHEDULED_FOR = "bj-scheduled-for"
+SCHEDULE = "bj-schedule"
+TOKEN_PREFETCH = 10
+REFRESH_INTERVAL_S = 60.0
+RECONNECT_MAX_DELAY = 10.0
+# A failed publish or ack may have lost the token: reconnect, and whoever leads next retries.
+SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, *CONNECTION_ERRORS)
+
+
+# -- the token: scheduler state in one message -----------------------------------------------
+
+
+def scheduler_queue(app: App) -> str:
+    return f"{app.exchange}.scheduler"
+
+
+def scheduler_queue_arguments(app: App) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-single-active-consumer": True}
+    if app.queue_kind == "quorum":
+        # A requeued token counts as a delivery; 4.x drops it past the limit (default 20).
+        arguments.update({"x-queue-type": "quorum", "x-delivery-limit": 1_000_000})
+    return arguments
+
+
+# -- the scheduler ---------------------------------------------------------------------------
+
+
+class _Session:
+    """One connection: the token channel, the tokens held, and what the leader knows."""
+
+    def __init__(self, connection: Connection, channel: Channel, queue: str, wake: asyncio.Event):
+        self.connection = connection
+        self.channel = channel
+        self.queue = queue
+        self.wake = wake
+        self.inbox: deque[Delivery] = deque()
+        self.memory: State = {}
+        self.held: list[Delivery] = []
+        self.own_id: str | None = None  # our latest token, confirmed
+        self.own_state: State = {}
+        self.ready = False  # leading: our latest token came back, so we saw every older token
+        self.last_persist = time.monotonic()
+        self.persists = 0
+        for future in (connection.lost, channel.closing, channel.consumer_cancelled):
+            future.add_done_callback(lambda _: wake.set())
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        self.inbox.append(delivery)
+        self.wake.set()
+
+    def lost_reason(self) -> str | None:
+        if self.connection.lost.done():
+            return "connection closed"
+        if self.channel.closing.done():
+            return "channel closed"
+        if self.channel.consumer_cancelled.done():
+            return "consumer cancelled by the broker"
+        return None
+
+    async def on_token(self, token: Delivery) -> None:
+        """Only the active consumer gets tokens: the first one makes this instance the leader.
+
+        Tokens are acked only once a token that knows at least as much is confirmed in the
+        queue. Before acting, the leader publishes its own token and waits until it comes back:
+        every token queued ahead of it (a dead leader's newer one, a bootstrap twin) has then
+        been merged.
+        """
+        merge_state(self.memory, decode_state(token.body))
+        if token.message_id == self.own_id:
+            self.held.append(token)
+            if not self.ready:
+                self.ready = True
+                log.info("leading the schedules", extra={"action": "leader"})
+        elif self.own_id is not None and covers(self.own_state, self.memory):
+            await self.channel.ack(token.delivery_tag)  # a stale copy
+        else:
+            self.held.append(token)
+            await self.persist()
+
+    async def persist(self) -> None:
+        """Publish a token with what we know, wait for the confirm, then ack the older ones."""
+        message_id = uuid.uuid4().hex
+        await self.publish_token(self.memory, message_id)
+        self.own_id, self.own_state = message_id, dict(self.memory)
+        for token in self.held:
+            await self.channel.ack(token.delivery_tag)
+        self.held = []
+        self.last_persist = time.monotonic()
+        self.persists += 1
+
+    async def publish_token(self, state: Mapping[str, datetime], message_id: str) -> None:
+        message = OutgoingMessage(
+            body=encode_state(state),
+            message_id=message_id,
+            job_name=None,
+            priority=0,
+            headers={"bj-scheduler": f"{socket.gethostname()}:{os.getpid()}"},
+            timestamp=datetime.now(UTC),
+            content_type=CONTENT_TYPE,
+        )
+        # Through the default exchange: straight to the scheduler queue, nowhere else.
+        await self.channel.publish(message, "", self.queue)
+
+
+class Scheduler:
+    """Publishes an app's schedules while it leads; ``run()`` returns after ``stop()``.
+
+    >>> app.schedule(Cleanup(), cron="0 3 * * *")
+    >>> await Scheduler(app).run()
+    """
+
+    def __init__(
+        self,
+        app: App,
+        settings: Settings | None = None,
+        *,
+        refresh_interval: float | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """``refresh_interval``: seconds between token refreshes (default 60 s, and under a
+        quarter of the broker's consumer_timeout); ``clock``: the UTC time source (tests).
+        """
+        if not app.schedules:
+            raise ConfigError(f"app {app.name!r} has no schedules: add app.schedule(...)")
+        self.app = app
+        self.settings = settings or load_settings()
+        self.queue = scheduler_queue(app)
+        if self.queue in app.queues:
+            raise ConfigError(f"queue {self.queue!r} is reserved for the scheduler: rename it")
+        self.refresh_interval = refresh_interval or min(
+            REFRESH_INTERVAL_S, self.settings.broker_consumer_timeout / 4
+        )
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._session: _Session | None = None
+        self.published = 0  # jobs this instance published
+        self.reconnects = 0
+
+    @property
+    def is_leader(self) -> bool:
+        session = self._session
+        return session is not None and session.ready and session.lost_reason() is None
+
+    @property
+    def state(self) -> State:
+        """While leading: schedule name -> the tick up to which all is done; else empty."""
+        session = self._session
+        return dict(session.memory) if session is not None and session.ready else {}
+
+    @property
+    def persists(self) -> int:
+        """Tokens published in the current session (ticks and refreshes)."""
+        return self._session.persists if self._session is not None else 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Lead or stand by until ``stop()``; reconnects after failures, with backoff."""
+        delay, started = 0.2, False
+        while not self._stop.is_set():
+            try:
+                session = await self._open_session()
+            except BrokerUnreachable:
+                if not started:
+                    raise
+                log.warning("broker unreachable; retrying in %.1fs", delay)
+            except CONNECTION_ERRORS as exc:
+                log.warning("scheduler setup failed (%s); retrying in %.1fs", exc, delay)
+            else:
+                started, delay = True, 0.2
+                self._session = session
+                try:
+                    reason = await self._serve(session)
+                finally:
+                    self._session = None
+                    # Closing requeues a held token: the next instance leads at once. The channel
+                    # first: acks are sent without waiting, and closing the connection at once
+                    # may drop them; the channel's close-ok proves the broker has them.
+                    await session.channel.close()
+                    await session.connection.close()
+                if reason is None:
+                    break
+                log.warning("%s; reconnecting", reason)
+                self.reconnects += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        log.info("scheduler stopped")
+
+    async def _open_session(self) -> _Session:
+        connection = await connect(self.settings, "scheduler")
+        try:
+            await declare(connection, self.app.topology())
+            channel = await connection.channel(confirms=True, prefetch=TOKEN_PREFETCH)
+            state = await channel.declare_queue(self.queue, scheduler_queue_arguments(self.app))
+            session = _Session(connection, channel, self.queue, self._wake)
+            if state.messages == 0 and state.consumers == 0:
+                # No token and no instance that could hold one: create it. Instances starting
+                # at the same moment may both do so; the leader merges and drops the twin.
+                await session.publish_token({}, uuid.uuid4().hex)
+            await channel.consume(self.queue, session.on_delivery)
+        except BaseException:
+            await connection.close()
+            raise
+        log.info("scheduler standing by on %s", self.queue, extra={"action": "standby"})
+        return session
+
+    async def _serve(self, session: _Session) -> str | None:
+        """Run until stop (None) or until the session breaks (why)."""
+        while True:
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._timeout(session))
+            self._wake.clear()
+            if self._stop.is_set():
+                return None
+            reason = session.lost_reason()
+            if reason is not None:
+                return reason
+            try:
+                while session.inbox:
+                    await session.on_token(session.inbox.popleft())
+                if session.ready:
+                    await self._publish_due(session)
+                    if time.monotonic() - session.last_persist >= self.refresh_interval:
+                        await session.persist()  # never hold a token near consumer_timeout
+            except SESSION_ERRORS as exc:
+                return f"scheduler channel failed: {exc}"
+
+    def _timeout(self, session: _Session) -> float | None:
+        """Seconds until the next tick or token refresh; None while standing by."""
+        if not session.ready:
+            return None
+        now = self._clock()
+        waits = [self.refresh_interval - (time.monotonic() - session.last_persist)]
+        for schedule in self.app.schedules:
+            done = session.memory.get(schedule.name)
+            if done is not None:
+                waits.append((schedule.rule.next_after(max(done, now)) - now).total_seconds())
+        return max(0.0, min(waits))
+
+    async def _publish_due(self, session: _Session) -> None:
+        now = self._clock()
+        dirty = False
+        for schedule in self.app.schedules:
+            done = session.memory.get(schedule.name)
+            if done is None:  # a new schedule starts with the first tick after now
+                session.memory[schedule.name] = at_or_before(schedule.rule, now)
+                dirty = True
+                continue
+            plan = plan_ticks(schedule.rule, done, now, schedule.catch_up, schedule.grace)
+            if plan.skipped is not None:
+                first, last = plan.skipped
+                log.warning(
+                    "schedule %s: skipped missed ticks %s..%s (catch_up=%s)",
+                    schedule.name,
+                    first.isoformat(),
+                    last.isoformat(),
+                    schedule.catch_up,
+                    extra={"action": "ticks_skipped", "schedule": schedule.name},
+                )
+            for tick in plan.ticks:
+                await self._publish_tick(session.channel, schedule, tick)
+                session.memory[schedule.name] = tick
+                await session.persist()  # publish, then record: a crash here repeats one tick
+            if plan.done_through > session.memory[schedule.name]:
+                session.memory[schedule.name] = plan.done_through
+                dirty = True
+        if dirty:
+            await session.persist()
+
+    async def _publish_tick(self, channel: Channel, schedule: Schedule, tick: datetime) -> None:
+        job_id = tick_job_id(self.app.exchange, schedule.name, tick)
+        fields = {"schedule": schedule.name, "tick": tick.isoformat(), "message_id": job_id}
+        try:
+            job = schedule.job_for(tick)
+        except Exception:
+            log.exception(
+                "schedule %s: making the job failed; tick %s skipped",
+                schedule.name,
+                tick.isoformat(),
+                extra={"action": "tick_failed", **fields},
+            )
+            return
+        headers = {SCHEDULED_FOR: tick.isoformat(), SCHEDULE: schedule.name}
+        message = encode(job, message_id=job_id, headers=headers)
+        try:
+            await channel.publish(message, self.app.exchange, message.job_name or "")
+        except UnroutableJob as exc:
+            log.error(
+                "%s; tick %s skipped",
+                exc,
+                tick.isoformat(),
+                extra={"action": "tick_unroutable", **fields},
+            )
+            return
+        self.published += 1
+        log.info(
+            "scheduled %s for %s",
+            message.job_name,
+            tick.isoformat(),
+            extra={"action": "scheduled", **fields},
+        )
+
+
+async def run_scheduler(app: App, settings: Settings | None = None) -> None:
+    """Run a scheduler with SIGTERM/SIGINT handlers that stop it gracefully (hand over)."""
+    scheduler = Scheduler(app, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, scheduler.stop)
+    try:
+        await scheduler.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+# The pure rules live in brokerjobs.schedule; they are re-exported here, where they always were.
+__all__ = [
+    "DEFAULT_GRACE",
+    "EPOCH",
+    "MAX_CATCH_UP",
+    "MIN_INTERVAL",
+    "RECONNECT_MAX_DELAY",
+    "REFRESH_INTERVAL_S",
+    "SCHEDULE",
+    "SCHEDULED_FOR",
+    "SESSION_ERRORS",
+    "TOKEN_PREFETCH",
+    "CatchUp",
+    "Cron",
+    "Every",
+    "Interval",
+    "Rule",
+    "Schedule",
+    "ScheduleTarget",
+    "Scheduler",
+    "State",
+    "TickPlan",
+    "at_or_before",
+    "covers",
+    "decode_state",
+    "encode_state",
+    "make_schedule",
+    "merge_state",
+    "plan_ticks",
+    "run_scheduler",
+    "scheduler_queue",
+    "scheduler_queue_arguments",
+    "tick_job_id",
+]

@@ -1,0 +1,138 @@
+"""Settling deliveries: the only module that acks, republishes to a retry tier, or parks.
+
+Retry and park are *publish with confirm, then ack*: a crash in between leaves the original
+unacked, so the broker redelivers it. That may duplicate a job, never lose one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from brokerjobs import envelope as wire
+from brokerjobs.envelope import Delivery, OutgoingMessage
+from brokerjobs.errors import PublishNacked
+from brokerjobs.retry import Decision, Failure, Park, Retry, RetryPolicy, decide
+from brokerjobs.telemetry import Telemetry
+from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name, retry_queue_name
+from brokerjobs.transport import MessageChannel
+
+MAX_TRACEBACK_CHARS = 4000
+NACK_RETRY_S = 3.0  # then the original is requeued and the worker opens new channels
+MAX_ERROR_CHARS = 1000
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Settlement:
+    """Settles the deliveries of one main queue on the channel they arrived on."""
+
+    def __init__(self, channel: MessageChannel, queue: str, telemetry: Telemetry) -> None:
+        self._channel = channel
+        self._telemetry = telemetry
+        self.queue = queue
+        self.parking_queue = parking_queue_name(queue)
+
+    async def succeeded(self, delivery: Delivery) -> None:
+        await self._channel.ack(delivery.delivery_tag)
+
+    async def failed(self, delivery: Delivery, policy: RetryPolicy, failure: Failure) -> Decision:
+        decision = decide(policy, delivery.attempt, failure)
+        if isinstance(decision, Retry):
+            message = retry_message(delivery, self.queue, failure, decision.delay)
+            target, operation = retry_queue_name(self.queue, decision.delay), "retry"
+        else:
+            message = parked_message(delivery, self.queue, failure, decision)
+            target, operation = self.parking_queue, "park"
+        await self._publish(message, target, operation)
+        await self._channel.ack(delivery.delivery_tag)
+        return decision
+
+    async def _publish(self, message: OutgoingMessage, target: str, operation: str) -> None:
+        """Publish with confirm; nacks (a quorum queue between leaders) are retried a while."""
+        try:
+            await self._publish_once(message, target, operation)
+            return
+        except PublishNacked:
+            pass
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(PublishNacked),
+            stop=stop_after_delay(NACK_RETRY_S),
+            wait=wait_exponential(multiplier=0.1, max=2),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._publish_once(message, target, operation)
+
+    async def _publish_once(self, message: OutgoingMessage, target: str, operation: str) -> None:
+        # Via the default exchange: straight to one queue, never to the other subscribers.
+        with self._telemetry.sending(message, DEFAULT_EXCHANGE, target, operation=operation):
+            await self._channel.publish(message, DEFAULT_EXCHANGE, target)
+
+    async def requeue(self, delivery: Delivery) -> None:
+        """Give the delivery back untouched (shutdown): not the job's fault, no attempt used."""
+        await self._channel.nack(delivery.delivery_tag, requeue=True)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _carried_headers(delivery: Delivery, queue: str) -> dict[str, Any]:
+    headers = {k: v for k, v in delivery.headers.items() if k not in wire.BROKER_DEATH_HEADERS}
+    # Retries arrive via the default exchange: remember where the job first came from.
+    headers.setdefault(wire.ORIGIN_EXCHANGE, delivery.exchange)
+    headers.setdefault(wire.ORIGIN_ROUTING_KEY, delivery.routing_key)
+    headers.setdefault(wire.ORIGIN_QUEUE, queue)
+    return headers
+
+
+def _failure_headers(headers: dict[str, Any], failure: Failure) -> None:
+    now = _now()
+    headers.setdefault(wire.FIRST_FAILED_AT, now)
+    headers[wire.LAST_FAILED_AT] = now
+    headers[wire.ERROR_TYPE] = failure.error_type or failure.kind.value
+    headers[wire.ERROR_MESSAGE] = failure.reason[:MAX_ERROR_CHARS]
+    headers[wire.WORKER] = WORKER_ID
+
+
+def retry_message(
+    delivery: Delivery, queue: str, failure: Failure, delay: float
+) -> OutgoingMessage:
+    headers = _carried_headers(delivery, queue)
+    _failure_headers(headers, failure)
+    headers[wire.ATTEMPT] = delivery.attempt + 1
+    message = wire.copy_of(delivery, headers)
+    # Same TTL as the tier queue's x-message-ttl: per-message TTL only fires at the head.
+    message.expiration_ms = round(delay * 1000)
+    return message
+
+
+def parked_message(
+    delivery: Delivery, queue: str, failure: Failure, decision: Park
+) -> OutgoingMessage:
+    headers = _carried_headers(delivery, queue)
+    _failure_headers(headers, failure)
+    headers[wire.ATTEMPT] = delivery.attempt
+    headers[wire.PARK_REASON] = decision.reason[:MAX_ERROR_CHARS]
+    headers[wire.PARKED_AT] = _now()
+    if failure.exception is not None:
+        text = "".join(traceback.format_exception(failure.exception))
+        headers[wire.ERROR_TRACEBACK] = text[-MAX_TRACEBACK_CHARS:]
+    trace_id = _trace_id(headers.get(wire.ORIGINAL_TRACEPARENT) or headers.get("traceparent"))
+    if trace_id:
+        headers[wire.TRACE_ID] = trace_id
+    return wire.copy_of(delivery, headers)
+
+
+def _trace_id(traceparent: object) -> str | None:
+    """The trace id of the job's first publish, from a W3C ``traceparent`` header."""
+    if isinstance(traceparent, bytes):
+        traceparent = traceparent.decode("ascii", "replace")
+    parts = traceparent.split("-") if isinstance(traceparent, str) else []
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None

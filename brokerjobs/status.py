@@ -1,0 +1,277 @@
+"""Job status and progress as events on the app's status exchange, and a tracker that keeps them.
+
+Why events on RabbitMQ rather than a database: the worker already holds a channel, producers
+already talk to the broker, and every API instance can keep its own view by binding a queue to
+``<exchange>.status`` (routing key ``<job name>.<state>``). The store behind a tracker is
+pluggable (``StatusStore``): memory by default, anything async (Redis, SQL) by protocol.
+Progress events are best effort; a job's final state (completed/parked) is published before the
+job is acked or right after it is parked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int, new_job_id
+from brokerjobs.errors import UnroutableJob
+from brokerjobs.settings import Settings
+from brokerjobs.transport import CONNECTION_ERRORS, Connection, MessageChannel, connect
+
+log = logging.getLogger("brokerjobs.status")
+
+State = Literal["waiting", "active", "retrying", "completed", "parked"]
+FINAL_STATES = frozenset({"completed", "parked"})
+_RANK = {"waiting": 0, "active": 1, "retrying": 2, "completed": 3, "parked": 3}
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    job: str
+    state: State
+    attempt: int = 1
+    replays: int = 0
+    progress: float | None = Field(default=None, ge=0, le=100)
+    message: str | None = None
+    result: Any = None
+    error: str | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def supersedes(self, other: JobStatus) -> bool:
+        """Events can arrive out of order: later replays, attempts and states win."""
+        mine = (self.replays, self.attempt, _RANK[self.state], self.at)
+        return mine >= (other.replays, other.attempt, _RANK[other.state], other.at)
+
+
+def status_exchange_name(exchange: str) -> str:
+    return f"{exchange}.status"
+
+
+# -- worker side ----------------------------------------------------------------------------
+
+_progress_sink: ContextVar[Callable[[float, str], None]] = ContextVar("brokerjobs_progress")
+
+
+def report_progress(percent: float, message: str = "") -> None:
+    """Report the running job's progress (0-100) from its handler, async or in a thread.
+
+    Best effort and non-blocking; a no-op where status tracking is off or in process pools.
+    """
+    sink = _progress_sink.get(None)
+    if sink is not None:
+        sink(max(0.0, min(100.0, float(percent))), message)
+
+
+class StatusEmitter:
+    """Publishes status events for one queue's jobs on that queue's channel."""
+
+    def __init__(self, channel: MessageChannel, exchange: str) -> None:
+        self._channel = channel
+        self._exchange = status_exchange_name(exchange)
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def emit(self, status: JobStatus) -> None:
+        body = status.model_dump_json(exclude_none=True).encode()
+        message = OutgoingMessage(
+            body=body, message_id=new_job_id(), job_name=None, priority=0, headers={}
+        )
+        try:
+            await self._channel.publish(message, self._exchange, f"{status.job}.{status.state}")
+        except UnroutableJob:
+            pass  # nobody is tracking this job type: fine
+        except CONNECTION_ERRORS as exc:
+            log.debug("status event for %s lost: %s", status.job_id, exc)
+
+    def emit_soon(self, status: JobStatus) -> None:
+        task = asyncio.get_running_loop().create_task(self.emit(status))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def bind_progress(self, base: JobStatus) -> object:
+        """Route report_progress() calls of the current job to status events."""
+        loop = asyncio.get_running_loop()
+
+        def sink(percent: float, message: str) -> None:
+            event = base.model_copy(update={"progress": percent, "message": message or None})
+            event.at = datetime.now(UTC)
+            loop.call_soon_threadsafe(self.emit_soon, event)
+
+        return _progress_sink.set(sink)
+
+    @staticmethod
+    def unbind_progress(token: object) -> None:
+        _progress_sink.reset(token)  # type: ignore[arg-type]
+
+    def reporter(self, delivery: Delivery, job: str) -> StatusReporter:
+        return StatusReporter(self, delivery, job)
+
+
+class StatusReporter:
+    """Status events of one delivery: active (with progress), then completed/retrying/parked."""
+
+    def __init__(self, emitter: StatusEmitter, delivery: Delivery, job: str) -> None:
+        self._emitter = emitter
+        self._base = JobStatus(
+            job_id=delivery.message_id or "",
+            job=job,
+            state="active",
+            attempt=delivery.attempt,
+            replays=header_int(delivery.headers, REPLAYS, 0),
+        )
+
+    def started(self) -> object:
+        """Emit "active" and route report_progress() here; returns the token to unbind."""
+        self._emitter.emit_soon(self._base)
+        return self._emitter.bind_progress(self._base)
+
+    def unbind_progress(self, token: object) -> None:
+        self._emitter.unbind_progress(token)
+
+    async def completed(self, result: object) -> None:
+        try:
+            jsonable = to_jsonable_python(result)
+        except PydanticSerializationError:
+            jsonable = repr(result)
+        await self._emitter.emit(self._final("completed", result=jsonable, progress=100.0))
+
+    async def failed(self, state: Literal["retrying", "parked"], error: str) -> None:
+        await self._emitter.emit(self._final(state, error=error))
+
+    def _final(self, state: str, **fields: object) -> JobStatus:
+        return self._base.model_copy(update={"state": state, "at": datetime.now(UTC), **fields})
+
+
+# -- producer / API side --------------------------------------------------------------------
+
+
+class StatusStore(Protocol):
+    async def put(self, status: JobStatus) -> None: ...
+    async def get(self, job_id: str) -> JobStatus | None: ...
+
+
+class MemoryStatusStore:
+    """Keeps the newest status per job in memory (bounded: oldest jobs are forgotten)."""
+
+    def __init__(self, max_jobs: int = 100_000) -> None:
+        self._statuses: dict[str, JobStatus] = {}
+        self._max_jobs = max_jobs
+
+    async def put(self, status: JobStatus) -> None:
+        current = self._statuses.get(status.job_id)
+        if current is not None and not status.supersedes(current):
+            return
+        self._statuses.pop(status.job_id, None)
+        self._statuses[status.job_id] = status
+        if len(self._statuses) > self._max_jobs:
+            self._statuses.pop(next(iter(self._statuses)))
+
+    async def get(self, job_id: str) -> JobStatus | None:
+        return self._statuses.get(job_id)
+
+
+class StatusTracker:
+    """Follows the status events of an app's jobs into a store; awaits completions.
+
+    >>> async with StatusTracker(settings, exchange="shop") as tracker:
+    ...     await tracker.mark_waiting(job_id, "image.thumbnail")
+    ...     status = await tracker.wait(job_id, timeout=30)
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        exchange: str,
+        store: StatusStore | None = None,
+        patterns: tuple[str, ...] = ("#",),
+    ) -> None:
+        self.settings = settings
+        self.exchange = exchange
+        self.store: StatusStore = store or MemoryStatusStore()
+        self._patterns = patterns
+        self._connection: Connection | None = None
+        self._changed = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def __aenter__(self) -> StatusTracker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self._subscribe()
+        self._supervisor = asyncio.create_task(self._resubscribe_on_loss())
+
+    async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _subscribe(self) -> None:
+        self.ready.clear()
+        self._connection = await connect(self.settings, "status-tracker")
+        channel = await self._connection.channel(confirms=False, prefetch=1000)
+        exchange = status_exchange_name(self.exchange)
+        await channel.declare_exchange(exchange, "topic")
+        queue = await channel.declare_private_queue()
+        for pattern in self._patterns:
+            await channel.bind(queue, exchange, pattern)
+        await channel.consume(queue, self._on_event, no_ack=True)
+        self.ready.set()
+
+    async def _resubscribe_on_loss(self) -> None:
+        while True:
+            assert self._connection is not None
+            await asyncio.shield(self._connection.lost)
+            log.warning("status tracker lost its connection; resubscribing")
+            while True:
+                try:
+                    await self._subscribe()
+                    break
+                except Exception as exc:
+                    log.warning("status tracker resubscribe failed: %s", exc)
+                    await asyncio.sleep(1)
+
+    async def _on_event(self, delivery: Any) -> None:
+        try:
+            status = JobStatus.model_validate_json(delivery.body)
+        except ValueError:
+            log.warning("ignoring a malformed status event")
+            return
+        await self.store.put(status)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def mark_waiting(self, job_id: str, job: str) -> None:
+        await self.store.put(JobStatus(job_id=job_id, job=job, state="waiting"))
+
+    async def get(self, job_id: str) -> JobStatus | None:
+        return await self.store.get(job_id)
+
+    async def wait(self, job_id: str, timeout: float) -> JobStatus:  # noqa: ASYNC109 - the API
+        """Wait until the job is completed or parked; TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while True:
+                changed = self._changed
+                status = await self.store.get(job_id)
+                if status is not None and status.final:
+                    return status
+                await changed.wait()

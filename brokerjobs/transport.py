@@ -1,0 +1,480 @@
+"""The AMQP seam: the only module that imports aio-pika (and its protocol layer, aiormq).
+
+Connections come from ``aio_pika.connect`` (URL parsing, TLS, client properties); the hot paths
+(publish, consume, ack) use the underlying aiormq channel directly, which skips aio-pika's
+per-message objects. Reconnection is *not* aio-pika's robust connection: the worker supervises
+connections itself, so a consumer can never silently disappear after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+import aiormq.exceptions as amqp_errors
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from brokerjobs.envelope import Delivery, OutgoingMessage
+from brokerjobs.errors import (
+    BrokerUnreachable,
+    PublishError,
+    PublishInterrupted,
+    PublishNacked,
+    TopologyError,
+    TopologyMismatch,
+    UnroutableJob,
+)
+from brokerjobs.redact import redact_url
+from brokerjobs.settings import Settings
+
+log = logging.getLogger("brokerjobs.transport")
+
+DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+Around = Callable[[OutgoingMessage, str, str], "AbstractContextManager[Any]"]
+# Failures of the connection or channel underneath an operation; the operation may be retried.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    amqp_errors.AMQPConnectionError,
+    amqp_errors.ChannelInvalidStateError,
+    amqp_errors.ChannelClosed,
+    ConnectionError,
+    OSError,
+)
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+
+
+class MessageChannel(Protocol):
+    """What publishing and settling need of a channel: the seam the in-memory broker fills."""
+
+    async def publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None: ...
+
+    async def publish_many(
+        self,
+        messages: Iterable[tuple[OutgoingMessage, str, str]],
+        window: int,
+        around: Around | None = None,
+    ) -> list[tuple[OutgoingMessage, PublishError]]: ...
+
+    async def ack(self, delivery_tag: int) -> None: ...
+
+    async def nack(self, delivery_tag: int, *, requeue: bool) -> None: ...
+
+
+class _Unreachable(Exception):
+    """Internal: one failed connection attempt (retried by tenacity)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    name: str
+    messages: int
+    consumers: int
+
+
+def _url_with_heartbeat(url: str, heartbeat: int) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("heartbeat", str(heartbeat))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def connect(settings: Settings, role: str) -> Connection:
+    """Connect with exponential backoff for up to ``settings.connect_timeout`` seconds.
+
+    Wrong credentials fail at once; the password is never part of an error or a log line.
+    """
+    urls = [_url_with_heartbeat(url, settings.heartbeat) for url in settings.amqp_urls]
+    properties = {"connection_name": f"brokerjobs {role} {socket.gethostname()}:{os.getpid()}"}
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(_Unreachable),
+        stop=stop_after_delay(settings.connect_timeout),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                # A cluster: each attempt tries the next node, so a dead node is skipped.
+                url = urls[(attempt.retry_state.attempt_number - 1) % len(urls)]
+                return await _connect_once(settings, url, properties)
+    except _Unreachable as exc:
+        raise BrokerUnreachable(
+            f"cannot reach RabbitMQ at {settings.safe_url} after {settings.connect_timeout:g}s: "
+            f"{exc}. Is the broker running and BROKERJOBS_URL right?"
+        ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _connect_once(settings: Settings, url: str, properties: dict[str, Any]) -> Connection:
+    try:
+        raw = await aio_pika.connect(
+            url,
+            ssl_context=settings.ssl_context(),
+            client_properties=properties,
+            timeout=max(settings.connect_timeout, 1.0),
+        )
+    except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError):
+        raise BrokerUnreachable(
+            f"RabbitMQ at {settings.safe_url} refused the credentials: check the user and "
+            "password in BROKERJOBS_URL and the user's permissions on the vhost"
+        ) from None
+    except CONNECT_ERRORS as exc:
+        log.info("connect to %s failed: %s; retrying", redact_url(url), type(exc).__name__)
+        raise _Unreachable(f"{type(exc).__name__}: {_describe(exc)}") from None
+    return Connection(raw)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    # aiormq sometimes puts the URL (with password) into connection errors.
+    return "connection failed" if "@" in text else text or type(exc).__name__
+
+
+class Connection:
+    """One AMQP connection; ``lost`` completes when it closes for any reason."""
+
+    def __init__(self, raw: aio_pika.abc.AbstractConnection) -> None:
+        self._raw = raw
+        self._channels: list[Channel] = []  # strong references: aio-pika keeps only weak ones
+        self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        raw.close_callbacks.add(self._on_close)
+
+    def _on_close(self, _: object, exc: BaseException | None = None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    @property
+    def is_closed(self) -> bool:
+        return self.lost.done() or self._raw.is_closed
+
+    @property
+    def server_version(self) -> tuple[int, ...]:
+        """The broker's version, e.g. (3, 10, 8); () if it did not say."""
+        transport = getattr(self._raw, "transport", None)
+        properties = getattr(getattr(transport, "connection", None), "server_properties", {})
+        raw = properties.get("version", b"")
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        parts = [p for p in text.split(".") if p.isdigit()]
+        return tuple(int(p) for p in parts)
+
+    async def channel(self, *, confirms: bool = True, prefetch: int | None = None) -> Channel:
+        raw = await self._raw.channel(publisher_confirms=confirms, on_return_raises=False)
+        underlay = await raw.get_underlay_channel()
+        if prefetch is not None:
+            # global=False: per consumer, set before consuming (a global QoS breaks quorum queues).
+            await underlay.basic_qos(prefetch_count=prefetch, global_=False)
+        channel = Channel(raw, underlay)
+        self._channels.append(channel)
+        return channel
+
+    async def close(self) -> None:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self._raw.close()
+        self._on_close(None)
+
+
+class Channel:
+    """One AMQP channel with confirms; all operations the rest of brokerjobs needs."""
+
+    def __init__(self, raw: aio_pika.abc.AbstractChannel, underlay: aiormq.abc.AbstractChannel):
+        self._raw = raw
+        self._ch = cast(aiormq.Channel, underlay)
+        self.consumer_cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
+    def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
+        if not self.consumer_cancelled.done():
+            self.consumer_cancelled.set_result(str(frame.consumer_tag))
+
+    @property
+    def closing(self) -> asyncio.Future[Any]:
+        return self._ch.closing
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._ch.is_closed)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self._raw.close()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
+        """Publish with ``mandatory`` and wait for the broker's confirm."""
+        confirmation = await self._send(message, exchange, routing_key)
+        _check_confirmation(confirmation, message, exchange, routing_key)
+
+    async def publish_many(
+        self,
+        messages: Iterable[tuple[OutgoingMessage, str, str]],
+        window: int,
+        around: Around | None = None,
+    ) -> list[tuple[OutgoingMessage, PublishError]]:
+        """Publish pipelined, at most ``window`` unconfirmed at once.
+
+        ``around(message, exchange, routing_key)`` wraps each publish (e.g. a tracing span).
+        Returns the messages that were not confirmed, each with its error; all others are.
+        """
+        slots = asyncio.Semaphore(window)
+        failed: list[tuple[OutgoingMessage, PublishError]] = []
+        tasks: set[asyncio.Future[None]] = set()
+
+        async def one(message: OutgoingMessage, exchange: str, routing_key: str) -> None:
+            try:
+                if around is None:
+                    confirmation = await self._send(message, exchange, routing_key)
+                    _check_confirmation(confirmation, message, exchange, routing_key)
+                else:
+                    with around(message, exchange, routing_key):
+                        await self.publish(message, exchange, routing_key)
+            except PublishError as exc:
+                failed.append((message, exc))
+            finally:
+                slots.release()
+
+        for message, exchange, routing_key in messages:
+            await slots.acquire()  # a constant-cost window: no walk over pending futures
+            task = asyncio.ensure_future(one(message, exchange, routing_key))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        return failed
+
+    async def _send(self, message: OutgoingMessage, exchange: str, routing_key: str) -> Any:
+        properties = _properties(message)
+        try:
+            return await self._ch.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                wait=False,
+            )
+        except amqp_errors.DeliveryError as exc:
+            raise PublishNacked(
+                f"the broker nacked job {message.message_id} to {exchange!r}/{routing_key!r}: "
+                f"{exc}; it is not stored, publish it again"
+            ) from None
+        except asyncio.CancelledError:
+            if not self._ch.is_closed:
+                raise
+            raise self._lost(message) from None
+        except CONNECTION_ERRORS:
+            raise self._lost(message) from None
+
+    @staticmethod
+    def _lost(message: OutgoingMessage) -> PublishInterrupted:
+        return PublishInterrupted(
+            f"connection lost before job {message.message_id} was confirmed; "
+            "it may or may not be stored, publish it again"
+        )
+
+    # -- consuming and settling --------------------------------------------------------------
+
+    async def consume(self, queue: str, callback: DeliveryCallback, *, no_ack: bool = False) -> str:
+        channel = self._ch
+
+        async def on_message(message: DeliveredMessage) -> None:
+            await callback(_to_delivery(message))
+
+        ok = await channel.basic_consume(queue, on_message, no_ack=no_ack)
+        return str(ok.consumer_tag)
+
+    async def cancel(self, consumer_tag: str) -> None:
+        await self._ch.basic_cancel(consumer_tag)
+
+    async def ack(self, delivery_tag: int) -> None:
+        await self._ch.basic_ack(delivery_tag, wait=False)
+
+    async def nack(self, delivery_tag: int, *, requeue: bool) -> None:
+        await self._ch.basic_nack(delivery_tag, requeue=requeue, wait=False)
+
+    async def get(self, queue: str) -> Delivery | None:
+        """``basic.get`` one message (manual ack), or None when the queue is empty."""
+        message = await self._ch.basic_get(queue, no_ack=False)
+        if isinstance(message.delivery, spec.Basic.GetEmpty):
+            return None
+        return _to_delivery(message)
+
+    # -- topology ----------------------------------------------------------------------------
+
+    async def declare_exchange(self, name: str, kind: str) -> None:
+        await self._guard(
+            self._ch.exchange_declare(name, exchange_type=kind, durable=True), "exchange", name
+        )
+
+    async def declare_queue(self, name: str, arguments: Mapping[str, Any]) -> QueueState:
+        ok = await self._guard(
+            self._ch.queue_declare(name, durable=True, arguments=dict(arguments)), "queue", name
+        )
+        return QueueState(name, ok.message_count, ok.consumer_count)
+
+    async def declare_private_queue(self) -> str:
+        """A server-named, exclusive queue that disappears with this connection."""
+        ok = await self._ch.queue_declare("", exclusive=True, auto_delete=True)
+        return str(ok.queue)
+
+    async def bind(self, queue: str, exchange: str, pattern: str) -> None:
+        await self._guard(self._ch.queue_bind(queue, exchange, routing_key=pattern), "queue", queue)
+
+    async def bind_exchange(self, destination: str, source: str, pattern: str) -> None:
+        await self._guard(
+            self._ch.exchange_bind(destination, source, routing_key=pattern), "exchange", source
+        )
+
+    async def inspect_queue(self, name: str) -> QueueState:
+        """Live depth and consumer count of an existing queue (raises TopologyError if missing)."""
+        ok = await self._guard(self._ch.queue_declare(name, passive=True), "queue", name)
+        return QueueState(name, ok.message_count, ok.consumer_count)
+
+    async def delete_queue(self, name: str) -> None:
+        await self._ch.queue_delete(name)
+
+    async def delete_exchange(self, name: str) -> None:
+        await self._ch.exchange_delete(name)
+
+    async def _guard(self, operation: Awaitable[Any], what: str, name: str) -> Any:
+        try:
+            return await operation
+        except amqp_errors.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(_mismatch_message(what, name, str(exc))) from None
+        except amqp_errors.ChannelNotFoundEntity:
+            raise TopologyError(
+                f"{what} {name!r} does not exist: run `brokerjobs topology declare MODULE:APP`"
+            ) from None
+        except amqp_errors.ChannelAccessRefused as exc:
+            raise TopologyError(f"access refused for {what} {name!r}: {exc}") from None
+
+
+def _mismatch_message(what: str, name: str, broker_text: str) -> str:
+    marker = "inequivalent arg '"
+    argument = broker_text.split(marker, 1)[1].split("'", 1)[0] if marker in broker_text else None
+    differing = f"argument {argument!r} differs" if argument else "its arguments differ"
+    return (
+        f"{what} {name!r} already exists and {differing} from the plan (broker: {broker_text}). "
+        "Queue arguments cannot change in place: drain and delete the queue "
+        f"(rabbitmqctl delete_queue {name}) and declare again, or change the app to match."
+    )
+
+
+_FRESH_HEADERS = 2  # bj-attempt and bj-schema-version
+
+
+def _pamqp_properties(message: OutgoingMessage, message_id: str) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        content_type=message.content_type,
+        delivery_mode=2 if message.persistent else 1,
+        priority=message.priority,
+        message_id=message_id,
+        timestamp=message.timestamp,
+        message_type=message.job_name,
+        headers=message.headers,
+        expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
+        correlation_id=message.correlation_id,
+        app_id=message.app_id,
+    )
+
+
+class _EncodedProperties:
+    """Content-header properties whose encoding is reused across messages of the same shape.
+
+    pamqp encodes the property list field by field (~8 us with our headers, a tenth of a
+    publish); jobs of one type published within a second differ only in ``message_id``, so
+    the encoding is cached per shape and the id spliced in. aiormq reads ``message_id`` (to
+    match returns) and calls ``marshal()``; nothing else.
+    """
+
+    __slots__ = ("_after", "_before", "message_id")
+    _cache: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+    _CACHE_LIMIT = 1024
+
+    def __init__(self, message_id: str, before: bytes, after: bytes) -> None:
+        self.message_id = message_id
+        self._before = before
+        self._after = after
+
+    def marshal(self) -> bytes:
+        return self._before + self.message_id.encode() + self._after
+
+
+def _shape(message: OutgoingMessage) -> tuple[Any, ...] | None:
+    headers = message.headers
+    if any(not isinstance(v, int | str) or isinstance(v, bool) for v in headers.values()):
+        return None  # nested or typed header values: not worth a cache key
+    stamp = int(message.timestamp.timestamp()) if message.timestamp else None
+    return (
+        message.content_type, message.persistent, message.priority, stamp, message.job_name,
+        tuple(headers.items()), message.expiration_ms, message.correlation_id, message.app_id,
+        len(message.message_id),
+    )  # fmt: skip
+
+
+def _properties(message: OutgoingMessage) -> Any:
+    # Only fresh publishes share a shape; retry, park and traced copies carry per-message
+    # headers (times, traceparent) and would only fill the cache.
+    cacheable = len(message.headers) <= _FRESH_HEADERS and message.message_id.isascii()
+    shape = _shape(message) if cacheable else None
+    if shape is None:
+        return _pamqp_properties(message, message.message_id)
+    cache = _EncodedProperties._cache
+    parts = cache.get(shape)
+    if parts is None:
+        size = len(message.message_id)
+        zeros = _pamqp_properties(message, "0" * size).marshal()
+        ones = _pamqp_properties(message, "1" * size).marshal()
+        start = next(i for i, (a, b) in enumerate(zip(zeros, ones, strict=True)) if a != b)
+        parts = (zeros[:start], zeros[start + size :])
+        if len(cache) >= _EncodedProperties._CACHE_LIMIT:
+            cache.clear()
+        cache[shape] = parts
+    return _EncodedProperties(message.message_id, *parts)
+
+
+def _check_confirmation(
+    confirmation: Any, message: OutgoingMessage, exchange: str, routing_key: str
+) -> None:
+    if isinstance(confirmation, spec.Basic.Ack):
+        return
+    if isinstance(confirmation, DeliveredMessage):
+        raise UnroutableJob(
+            f"job {message.job_name!r} ({message.message_id}) is unroutable: exchange "
+            f"{exchange!r} has no queue bound for routing key {routing_key!r}. Declare the "
+            "consumer's topology first (`brokerjobs topology declare MODULE:APP`)."
+        )
+    raise PublishError(f"unexpected confirmation {confirmation!r} for {message.message_id}")
+
+
+def _to_delivery(message: DeliveredMessage) -> Delivery:
+    props = message.header.properties
+    frame = cast(spec.Basic.Deliver | spec.Basic.GetOk, message.delivery)
+    return Delivery(
+        body=message.body,
+        delivery_tag=frame.delivery_tag or 0,
+        exchange=frame.exchange or "",
+        routing_key=frame.routing_key or "",
+        redelivered=bool(frame.redelivered),
+        message_id=props.message_id,
+        job_name=props.message_type,
+        content_type=props.content_type,
+        priority=props.priority,
+        timestamp=props.timestamp,
+        headers=dict(props.headers) if props.headers else {},
+        correlation_id=props.correlation_id,
+        app_id=props.app_id,
+        expiration=props.expiration,
+        persistent=props.delivery_mode == 2,
+    )

@@ -1,0 +1,377 @@
+"""The scheduler against the real broker: with several instances each tick is published once;
+a stopped or killed leader hands over; missed ticks follow catch_up; one token, refreshed.
+
+Every scheduled job carries ``bj-scheduled-for`` (its tick) and a message id derived from the
+schedule and the tick, so the tests count ticks from the jobs in the app's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from brokerjobs import App, job
+from brokerjobs.envelope import Delivery
+from brokerjobs.errors import PublishInterrupted
+from brokerjobs.scheduler import (
+    SCHEDULE,
+    SCHEDULED_FOR,
+    Scheduler,
+    _Session,
+    decode_state,
+    scheduler_queue,
+    tick_job_id,
+)
+from brokerjobs.topology import declare
+from tests.support.broker import TEST_URL, Broker, make_settings, unique, wait_for
+from tests.support.sched_app import EVERY_ENV, NAME_ENV, SCHEDULE_NAME, Tick, build_app, job_queue
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SECOND = timedelta(seconds=1)
+
+
+@job("sched.beat")
+class Beat(BaseModel):
+    at: datetime
+    mode: str = ""
+
+
+def beat_app(prefix: str, broker: Broker) -> App:
+    app = App(unique(prefix))
+
+    @app.handler(Beat)
+    async def handle(task: Beat) -> None: ...
+
+    broker.track(app)
+    broker.track_queue(scheduler_queue(app))
+    return app
+
+
+def beat_queue(app: App) -> str:
+    return f"{app.name}.sched.beat"
+
+
+@contextlib.asynccontextmanager
+async def running(scheduler: Scheduler) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a scheduler in this loop until the block ends (graceful stop)."""
+    task = asyncio.create_task(scheduler.run())
+    try:
+        yield task
+    finally:
+        scheduler.stop()
+        await asyncio.wait_for(task, 15)
+
+
+def alive(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        if task.done():
+            task.result()  # raise what stopped it
+            raise AssertionError("a scheduler stopped by itself")
+
+
+def tick_of(delivery: Delivery) -> datetime:
+    value = delivery.headers[SCHEDULED_FOR]
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return datetime.fromisoformat(text)
+
+
+def assert_consecutive(ticks: list[datetime]) -> None:
+    """Every second from the first tick to the last, each once."""
+    assert ticks == sorted(set(ticks)), f"duplicates or disorder: {ticks}"
+    gaps = [(a, b) for a, b in pairwise(ticks) if b - a != SECOND]
+    assert not gaps, f"missing ticks between {gaps}"
+
+
+def assert_job_ids(deliveries: list[Delivery], exchange: str, schedule: str) -> None:
+    for delivery in deliveries:
+        assert delivery.message_id == tick_job_id(exchange, schedule, tick_of(delivery))
+
+
+@pytest.mark.slow
+async def test_two_schedulers_publish_each_tick_exactly_once(broker: Broker):
+    app = beat_app("sched2", broker)
+    app.schedule(lambda at: Beat(at=at), every=1, name="beat")
+    a, b = Scheduler(app, make_settings()), Scheduler(app, make_settings())
+    async with running(a) as task_a, running(b) as task_b:  # started together: a bootstrap race
+        await wait_for(lambda: alive(task_a, task_b) or a.published + b.published >= 4, 10)
+        assert [a.is_leader, b.is_leader].count(True) == 1
+
+    jobs = await broker.drain(beat_queue(app))
+    ticks = sorted(tick_of(d) for d in jobs)
+    print(f"{len(ticks)} ticks {ticks[0]}..{ticks[-1]}; published {a.published}/{b.published}")
+    assert len(ticks) >= 4
+    assert_consecutive(ticks)
+    assert sorted([a.published, b.published]) == [0, len(jobs)]  # one leader did all the work
+    assert_job_ids(jobs, app.exchange, "beat")
+    for delivery in jobs:
+        assert delivery.job_name == "sched.beat" and delivery.persistent
+        assert delivery.headers[SCHEDULE] == "beat"
+        assert Beat.model_validate_json(delivery.body).at == tick_of(delivery)
+    # Whoever created a token at start-up, exactly one is left, held by no one.
+    await wait_for(lambda: _depth_is(broker, scheduler_queue(app), 1), 5)
+
+
+async def _depth_is(broker: Broker, queue: str, expected: int) -> bool:
+    return await broker.depth(queue) == expected
+
+
+@pytest.mark.slow
+async def test_a_stopped_leader_hands_over_without_gap_or_duplicate(broker: Broker):
+    app = beat_app("schedstop", broker)
+    app.schedule(lambda at: Beat(at=at), every=1, name="beat")
+    a, b = Scheduler(app, make_settings()), Scheduler(app, make_settings())
+    async with running(a) as task_a:
+        await wait_for(lambda: alive(task_a) or a.is_leader, 10)
+        async with running(b) as task_b:
+            await wait_for(lambda: _consumers_are(broker, scheduler_queue(app), 2), 10)
+            await wait_for(lambda: alive(task_a, task_b) or a.published >= 2, 10)
+            a.stop()
+            await asyncio.wait_for(task_a, 10)
+            stopped = time.monotonic()
+            await wait_for(lambda: alive(task_b) or b.is_leader, 5)
+            handover = time.monotonic() - stopped
+            await wait_for(lambda: alive(task_b) or b.published >= 2, 5)
+
+    jobs = await broker.drain(beat_queue(app))
+    ticks = sorted(tick_of(d) for d in jobs)
+    print(f"handover in {handover * 1000:.0f} ms; ticks {a.published} by a, {b.published} by b")
+    assert handover < 2
+    assert_consecutive(ticks)
+    assert a.published + b.published == len(ticks)  # a graceful stop duplicates nothing
+    assert await broker.depth(scheduler_queue(app)) == 1  # the second instance added no token
+
+
+async def _consumers_are(broker: Broker, queue: str, expected: int) -> bool:
+    return (await broker.state(queue)).consumers == expected
+
+
+@pytest.mark.slow
+async def test_missed_ticks_after_downtime_follow_each_catch_up_rule(broker: Broker):
+    """Frozen clocks make the downtime exact: stopped with every tick up to x done, the next
+    leader wakes at x + 3.7 s, so x+1..x+3 are all missed (grace 0.5 s) and none is on time."""
+    app = beat_app("schedcatch", broker)
+    modes = ("all", "latest", "none")
+    for mode in modes:
+        beat = partial(Beat, mode=mode)
+        app.schedule(lambda at, b=beat: b(at=at), every=1, name=mode, catch_up=mode, grace=0.5)
+    x = datetime.now(UTC).replace(microsecond=0)
+    first = Scheduler(app, make_settings(), clock=lambda: x + timedelta(seconds=0.2))
+    async with running(first) as task:
+        await wait_for(lambda: alive(task) or len(first.state) == 3, 10)
+    assert first.published == 0  # a new schedule starts after now
+    assert await _peek_state(broker, scheduler_queue(app)) == dict.fromkeys(modes, x)
+
+    later = x + timedelta(seconds=3.7)
+    second = Scheduler(app, make_settings(), clock=lambda: later)
+    async with running(second) as task:
+        caught_up = dict.fromkeys(modes, x + 3 * SECOND)
+        await wait_for(lambda: alive(task) or second.state == caught_up, 10)
+
+    jobs = await broker.drain(beat_queue(app))
+    by_mode: dict[str, list[datetime]] = {"all": [], "latest": [], "none": []}
+    for delivery in jobs:
+        beat = Beat.model_validate_json(delivery.body)
+        by_mode[beat.mode].append(beat.at)
+    assert by_mode == {
+        "all": [x + SECOND, x + 2 * SECOND, x + 3 * SECOND],
+        "latest": [x + 3 * SECOND],
+        "none": [],
+    }
+    assert await _peek_state(broker, scheduler_queue(app)) == dict.fromkeys(modes, x + 3 * SECOND)
+
+
+async def _peek_state(broker: Broker, queue: str) -> dict[str, datetime]:
+    """The state in the (only) token, which goes back to the queue."""
+    channel = await broker.fresh_channel()
+    token = await channel.get(queue)
+    assert token is not None, "no token in the scheduler queue"
+    await channel.nack(token.delivery_tag, requeue=True)
+    return decode_state(token.body)
+
+
+@pytest.mark.slow
+async def test_a_crash_between_publishing_a_tick_and_recording_it_repeats_that_tick(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+):
+    """The documented duplicate: the job is confirmed, then the connection dies before the new
+    token is; the next leader publishes the same tick again, with the same job id."""
+    app = beat_app("schedcrash", broker)
+    app.schedule(lambda at: Beat(at=at), every=1, name="beat")
+    scheduler = Scheduler(app, make_settings())
+    crashed_after: list[int] = []
+    persist = _Session.persist
+
+    async def crash_once_after_the_second_tick(session: _Session) -> None:
+        if scheduler.published == 2 and not crashed_after:
+            crashed_after.append(scheduler.published)
+            await session.connection.close()
+            raise PublishInterrupted("simulated crash before the token was confirmed")
+        await persist(session)
+
+    monkeypatch.setattr(_Session, "persist", crash_once_after_the_second_tick)
+    async with running(scheduler) as task:
+        await wait_for(lambda: alive(task) or scheduler.published >= 4, 10)
+    assert crashed_after and scheduler.reconnects == 1
+
+    jobs = await broker.drain(beat_queue(app))
+    counts = Counter(tick_of(d) for d in jobs)
+    [(repeated, twice)] = [(tick, n) for tick, n in counts.items() if n > 1]
+    assert twice == 2 and repeated == sorted(counts)[1]  # the second tick, in flight
+    assert_consecutive(sorted(counts))
+    assert_job_ids(jobs, app.exchange, "beat")  # so both copies carry one id
+
+
+async def test_the_token_is_refreshed_and_stays_single(broker: Broker):
+    app = beat_app("schedrefresh", broker)
+    app.schedule(lambda: Beat(at=datetime.now(UTC)), every=3600, name="hourly")
+    scheduler = Scheduler(app, make_settings(), refresh_interval=0.1)
+    async with running(scheduler) as task:
+        await wait_for(lambda: alive(task) or scheduler.persists >= 5, 10)
+    assert await broker.depth(scheduler_queue(app)) == 1
+    assert await broker.depth(beat_queue(app)) == 0
+
+
+# -- a killed leader process -------------------------------------------------------------------
+
+
+class SchedulerProcess:
+    """``python -m tests.support.sched_app``: the sched app's scheduler, output to a file."""
+
+    def __init__(self, name: str, output: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERJOBS_")}
+        env.update(
+            {
+                "BROKERJOBS_URL": TEST_URL,
+                "BROKERJOBS_HEARTBEAT": "5",
+                "BROKERJOBS_CONNECT_TIMEOUT": "5",
+                NAME_ENV: name,
+                EVERY_ENV: "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        self.output = output
+        self._out = output.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.sched_app"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace")[-4000:]
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"scheduler exited with {self.proc.returncode}:\n{self.log()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        self._out.close()
+
+
+@contextlib.contextmanager
+def scheduler_processes(tmp_path: Path) -> Iterator[Callable[[str, str], SchedulerProcess]]:
+    started: list[SchedulerProcess] = []
+
+    def start(name: str, label: str) -> SchedulerProcess:
+        process = SchedulerProcess(name, tmp_path / f"{label}.log")
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.kill()
+
+
+class Received:
+    """Jobs taken from the queue, each with the monotonic time it was seen."""
+
+    def __init__(self, broker: Broker, queue: str) -> None:
+        self.broker, self.queue = broker, queue
+        self.jobs: list[tuple[Delivery, Tick, float]] = []
+
+    async def poll(self) -> None:
+        for delivery in await self.broker.drain(self.queue):
+            self.jobs.append((delivery, Tick.model_validate_json(delivery.body), time.monotonic()))
+
+    def by(self, pid: int) -> list[tuple[Delivery, Tick, float]]:
+        return [job for job in self.jobs if job[1].pid == pid]
+
+    def until(self, condition: Callable[[], bool], *processes: SchedulerProcess):
+        async def check() -> bool:
+            for process in processes:
+                process.check()
+            await self.poll()
+            return condition()
+
+        return check
+
+
+@pytest.mark.slow
+async def test_a_killed_leader_process_hands_over_to_the_other(broker: Broker, tmp_path: Path):
+    name = unique("schedkill")
+    app = build_app(name, 1.0)
+    broker.track(app)
+    broker.track_queue(scheduler_queue(app))
+    await declare(broker.connection, app.topology())
+    received = Received(broker, job_queue(name))
+
+    with scheduler_processes(tmp_path) as start:
+        a = start(name, "a")
+        await wait_for(received.until(lambda: bool(received.by(a.pid)), a), 20, interval=0.05)
+        b = start(name, "b")
+        await wait_for(lambda: _consumers_are(broker, scheduler_queue(app), 2), 20)
+        b.check()
+        before = len(received.by(a.pid))
+        await wait_for(received.until(lambda: len(received.by(a.pid)) >= before + 3, a, b), 10)
+        assert not received.by(b.pid), "the standby published while the leader was alive"
+
+        a.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await wait_for(received.until(lambda: len(received.by(b.pid)) >= 3, b), 10, interval=0.05)
+        takeover = received.by(b.pid)[0][2] - killed
+
+        b.proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: b.proc.poll() is not None, 10)
+        assert b.proc.returncode == 0, b.log()
+    await received.poll()
+
+    from_a, from_b = received.by(a.pid), received.by(b.pid)
+    counts = Counter(tick.at for _, tick, _ in received.jobs)
+    duplicates = sorted(at for at, n in counts.items() if n > 1)
+    print(
+        f"{len(counts)} ticks: {len(from_a)} from the killed leader, {len(from_b)} from the "
+        f"other; first tick of the other {takeover * 1000:.0f} ms after the kill; "
+        f"duplicated ticks (in flight at the kill): {len(duplicates)} {duplicates}"
+    )
+    assert takeover < 3
+    assert_consecutive(sorted(counts))
+    assert_job_ids([d for d, _, _ in received.jobs], app.exchange, SCHEDULE_NAME)
+    # At most the tick in flight at the kill: published by both, with the same message id.
+    assert len(duplicates) <= 1 and all(counts[at] == 2 for at in duplicates)
+    last_of_a = max(tick.at for _, tick, _ in from_a)
+    assert duplicates in ([], [last_of_a])
+    assert all(tick.at >= last_of_a for _, tick, _ in from_b)

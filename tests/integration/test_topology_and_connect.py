@@ -1,0 +1,84 @@
+"""Declaring topology, mismatches, connection errors, and sync handlers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from pydantic import BaseModel
+
+from brokerjobs import App, BrokerUnreachable, Publisher, TopologyMismatch, current_job, job
+from brokerjobs.topology import declare
+from brokerjobs.transport import connect
+from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for
+
+
+@job("thing.do")
+class DoThing(BaseModel):
+    n: int
+
+
+async def test_declare_is_idempotent_and_a_mismatch_names_the_argument(broker: Broker):
+    app = App(unique("topo"))
+
+    @app.handler(DoThing)
+    async def handle(task: DoThing) -> None: ...
+
+    broker.track(app)
+    await declare(broker.connection, app.topology())
+    await declare(broker.connection, app.topology())  # again: no error
+
+    other = App(app.name)
+    other.queue(f"{app.name}.thing.do", "thing.do", max_priority=5)
+
+    @other.handler(DoThing, queue=f"{app.name}.thing.do")
+    async def handle2(task: DoThing) -> None: ...
+
+    with pytest.raises(TopologyMismatch, match="argument 'x-max-priority' differs") as info:
+        await declare(broker.connection, other.topology())
+    assert "delete_queue" in str(info.value)
+
+
+async def test_wrong_credentials_fail_fast_without_printing_the_password() -> None:
+    settings = make_settings(url="amqp://guest:wrong-pass-123@127.0.0.1:5672/")
+    with pytest.raises(BrokerUnreachable, match="refused the credentials") as info:
+        await connect(settings, "test")
+    assert "wrong-pass-123" not in str(info.value)
+
+
+async def test_an_unreachable_broker_is_a_clear_error_after_the_connect_timeout() -> None:
+    settings = make_settings(url="amqp://guest:hidden-pw@127.0.0.1:1/", connect_timeout=1.0)
+    with pytest.raises(BrokerUnreachable, match="cannot reach RabbitMQ") as info:
+        await connect(settings, "test")
+    assert "hidden-pw" not in str(info.value)
+    assert "guest:***@127.0.0.1:1" in str(info.value)
+
+
+async def test_a_list_of_nodes_fails_over_to_the_next_reachable_one() -> None:
+    settings = make_settings(
+        url="amqp://guest:guest@127.0.0.1:1/, amqp://guest:guest@127.0.0.1:5672/",
+        connect_timeout=10.0,
+    )
+    connection = await connect(settings, "test")
+    try:
+        assert connection.server_version >= (3,)
+    finally:
+        await connection.close()
+
+
+async def test_sync_handlers_run_in_threads_and_see_their_job_context(broker: Broker):
+    app = App(unique("sync"))
+    seen: list[tuple[int, str, bool]] = []
+
+    @app.handler(DoThing)
+    def blocking(task: DoThing) -> None:
+        seen.append(
+            (task.n, current_job().job_name, threading.current_thread() is threading.main_thread())
+        )
+
+    broker.track(app)
+    async with running_worker(app):
+        async with Publisher(make_settings(), exchange=app.exchange) as publisher:
+            await publisher.publish_many([DoThing(n=i) for i in range(5)])
+        await wait_for(lambda: len(seen) == 5)
+    assert sorted(seen) == [(i, "thing.do", False) for i in range(5)]

@@ -1,0 +1,552 @@
+"""A throwaway 3-node RabbitMQ cluster beside the shared broker, for node-failure tests.
+
+Everything lives under one run directory (``$TMPDIR/bjcluster/run-<pid>-<n>``): its own ``HOME``
+with its own ``.erlang.cookie``, its own epmd on a free port, and per node its data, logs,
+config, plugin list and pid file. The nodes are started with the scripts in
+``/usr/lib/rabbitmq/bin`` (the ``/usr/sbin`` wrappers would switch user and pick up the shared
+node's cookie). Ports are picked free at start, so runs never collide with each other or with
+the shared node on 5672/4369, which this module never touches.
+
+Cleanup is by pid file only: ``stop()`` SIGKILLs the pids this run recorded. A run that died
+without cleaning up is reaped by the next one: a run directory whose ``owner.pid`` process is
+gone has its recorded pids killed (only if their command line still names that directory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+EPMD_CANDIDATES = ("/usr/bin/epmd", "/usr/lib/erlang/bin/epmd")
+ROOT = Path(tempfile.gettempdir()) / "bjcluster"
+NODE_NAMES = ("bjca", "bjcb", "bjcc")
+START_TIMEOUT = 90.0
+CTL_TIMEOUT = 60.0
+DLX_CONFIRM_TIMEOUT_MS = 5000
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started or queried (message includes the node's log tail)."""
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(exclude: Collection[int] = ()) -> int:
+    """A free port below the ephemeral range: the kernel never hands it to an outgoing
+    connection or to a ``bind(0)`` elsewhere between our check and the node's listen."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1025, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in exclude:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError("no free port below the ephemeral range")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def reap_stale_runs(root: Path = ROOT) -> list[int]:
+    """Kill the recorded processes of runs whose owner process is gone; remove their dirs."""
+    killed: list[int] = []
+    if not root.is_dir():
+        return killed
+    for run in root.glob("run-*"):
+        owner = _read_pid(run / "owner.pid")
+        if owner is not None and _pid_alive(owner) and owner != os.getpid():
+            continue  # another live test run
+        for pid_file in run.glob("**/*.pid"):
+            if pid_file.name == "owner.pid":
+                continue
+            pid = _read_pid(pid_file)
+            if pid is not None and _pid_alive(pid) and str(run) in _cmdline(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        shutil.rmtree(run, ignore_errors=True)
+    return killed
+
+
+@dataclass
+class Node:
+    name: str  # short name, e.g. "bjca"
+    amqp_port: int
+    dist_port: int
+    dir: Path
+
+    @property
+    def nodename(self) -> str:
+        return f"{self.name}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "node.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "log"
+
+    def pid(self) -> int | None:
+        return _read_pid(self.pid_file)
+
+    def is_running(self) -> bool:
+        pid = self.pid()
+        # The VM's command line names the run directory (its HOME), not the node directory.
+        return pid is not None and _pid_alive(pid) and str(self.dir.parent) in _cmdline(pid)
+
+    def log_tail(self, lines: int = 30) -> str:
+        chunks = []
+        for log in sorted(self.log_dir.glob("*.log")):
+            with contextlib.suppress(OSError):
+                chunks.append(
+                    f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:])
+                )
+        return "\n".join(chunks) or "(no log)"
+
+
+class RabbitCluster:
+    """Three RabbitMQ nodes (``bjca``, ``bjcb``, ``bjcc``) clustered on loopback."""
+
+    def __init__(self, root: Path = ROOT, names: Sequence[str] = NODE_NAMES) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        reap_stale_runs(root)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root))
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
+        self.home = self.dir / "home"
+        self.home.mkdir()
+        cookie = self.home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        taken: list[int] = []
+        for _ in range(1 + 2 * len(names)):
+            taken.append(free_port(taken))
+        self.epmd_port = taken[0]
+        self.nodes = [
+            Node(name, taken[1 + 2 * i], taken[2 + 2 * i], self.dir / name)
+            for i, name in enumerate(names)
+        ]
+        self._epmd: subprocess.Popen[bytes] | None = None
+
+    # -- environment -----------------------------------------------------------------------
+
+    def _base_env(self) -> dict[str, str]:
+        keep = ("PATH", "LANG", "LC_ALL", "TMPDIR")
+        env = {k: v for k, v in os.environ.items() if k in keep}
+        env.update(
+            HOME=str(self.home),
+            ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_CONF_ENV_FILE=str(self.dir / "empty-env.conf"),
+            LANG=env.get("LANG", "C.UTF-8"),
+        )
+        return env
+
+    def node_env(self, node: Node) -> dict[str, str]:
+        env = self._base_env()
+        env.update(
+            RABBITMQ_NODENAME=node.nodename,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(node.amqp_port),
+            RABBITMQ_DIST_PORT=str(node.dist_port),
+            RABBITMQ_MNESIA_BASE=str(node.dir / "mnesia"),
+            RABBITMQ_LOG_BASE=str(node.log_dir),
+            RABBITMQ_CONFIG_FILE=str(node.dir / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(node.dir / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(node.dir / "enabled_plugins"),
+            RABBITMQ_PID_FILE=str(node.pid_file),
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        )
+        return env
+
+    def _write_node_files(self, node: Node) -> None:
+        node.dir.mkdir(exist_ok=True)
+        node.log_dir.mkdir(exist_ok=True)
+        (node.dir / "enabled_plugins").write_text("[].\n")
+        # At-least-once dead-lettering (quorum retry tiers -> main queue) re-sends a dead letter
+        # whose target did not confirm only after this timeout (RabbitMQ default 180 s). A leader
+        # failover can leave dead letters waiting for it; 5 s keeps them inside the test's time.
+        setting = f"{{dead_letter_worker_publisher_confirm_timeout, {DLX_CONFIRM_TIMEOUT_MS}}}"
+        (node.dir / "advanced.config").write_text(f"[{{rabbit, [{setting}]}}].\n")
+        (node.dir / "rabbitmq.conf").write_text(
+            "\n".join(
+                [
+                    f"listeners.tcp.1 = 127.0.0.1:{node.amqp_port}",
+                    "loopback_users.guest = true",
+                    "disk_free_limit.absolute = 50MB",
+                    "vm_memory_high_watermark.relative = 0.2",
+                    "log.file.level = info",
+                    "log.console = false",
+                    "",
+                ]
+            )
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start epmd and the three nodes, then join the 2nd and 3rd to the 1st."""
+        (self.dir / "empty-env.conf").write_text("")
+        self._start_epmd()
+        for node in self.nodes:
+            self._write_node_files(node)
+            self._spawn(node)
+        for node in self.nodes:
+            self.wait_node(node)
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            self.ctl(node, "stop_app")
+            self.ctl(node, "reset")
+            self.ctl(node, "join_cluster", first.nodename)
+            self.ctl(node, "start_app")
+        for node in self.nodes:
+            self.ctl(node, "await_startup")
+        running = self.running_nodes(first)
+        if sorted(running) != sorted(n.nodename for n in self.nodes):
+            raise ClusterError(f"cluster did not form: running nodes {running}")
+
+    def _start_epmd(self) -> None:
+        epmd = next((p for p in EPMD_CANDIDATES if Path(p).exists()), None) or shutil.which("epmd")
+        if epmd is None:
+            raise ClusterError("epmd not found (install rabbitmq-server / erlang-base)")
+        log = (self.dir / "epmd.log").open("ab")
+        # argv[0] names the run directory so that a later run can tell this epmd is ours.
+        self._epmd = subprocess.Popen(
+            [f"{epmd} ({self.dir})", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            executable=epmd,
+            env=self._base_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        (self.dir / "epmd.pid").write_text(str(self._epmd.pid))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.epmd_port), 0.5),
+            ):
+                return
+            if self._epmd.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise ClusterError(f"epmd did not start on port {self.epmd_port}")
+
+    def _spawn(self, node: Node) -> None:
+        node.pid_file.unlink(missing_ok=True)
+        out = (node.dir / "start.out").open("ab")
+        result = subprocess.run(
+            [str(RABBIT_BIN / "rabbitmq-server"), "-detached"],
+            env=self.node_env(node),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+            check=False,
+        )
+        out.close()
+        if result.returncode != 0:
+            raise ClusterError(
+                f"rabbitmq-server -detached for {node.nodename} exited "
+                f"{result.returncode}\n{node.log_tail()}"
+            )
+
+    def wait_node(self, node: Node, timeout: float = START_TIMEOUT) -> None:
+        """Wait for the node's pid file, then for the broker app to be fully started."""
+        try:
+            self.ctl(
+                node,
+                "wait",
+                "--timeout",
+                str(int(timeout)),
+                str(node.pid_file),
+                timeout=timeout + 10,
+            )
+        except ClusterError as exc:
+            raise ClusterError(f"{node.nodename} did not start: {exc}\n{node.log_tail()}") from None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", node.amqp_port), 0.5),
+            ):
+                return
+            time.sleep(0.1)
+        raise ClusterError(f"{node.nodename} is up but not listening on {node.amqp_port}")
+
+    def kill(self, node: Node) -> int:
+        """SIGKILL the node's VM (no clean shutdown); returns the pid killed."""
+        pid = node.pid()
+        if pid is None or not node.is_running():
+            raise ClusterError(f"{node.nodename} is not running")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return pid
+
+    def restart(self, node: Node) -> None:
+        """Start a stopped (killed) node again with its data; it rejoins the cluster."""
+        self._spawn(node)
+        self.wait_node(node)
+        self.ctl(node, "await_startup")
+
+    def stop(self) -> None:
+        """Kill every process this run started (by pid file), then remove the run directory."""
+        for node in self.nodes:
+            pid = node.pid()
+            if pid is not None and node.is_running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._epmd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._epmd.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._epmd.wait(5)
+        deadline = time.monotonic() + 10
+        while any(n.is_running() for n in self.nodes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if any(n.is_running() for n in self.nodes):
+            # Keep the pid files: the next run's reap_stale_runs() kills what is left.
+            raise ClusterError(f"nodes still running after SIGKILL; left {self.dir} for reaping")
+        if not os.environ.get("BJCLUSTER_KEEP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def ctl(
+        self, node: Node, *args: str, tool: str = "rabbitmqctl", timeout: float = CTL_TIMEOUT
+    ) -> str:
+        """Run a CLI tool against ``node``; raises ClusterError with its output on failure."""
+        command = [str(RABBIT_BIN / tool), "-n", node.nodename, "-q", *args]
+        try:
+            result = subprocess.run(
+                command,
+                env=self.node_env(node),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{' '.join(command[1:])} timed out after {timeout:g}s") from None
+        if result.returncode != 0:
+            raise ClusterError(
+                f"{tool} {' '.join(args)} on {node.nodename} exited {result.returncode}: "
+                f"{(result.stdout + result.stderr).strip()[-2000:]}"
+            )
+        return result.stdout
+
+    def ctl_json(self, node: Node, *args: str, tool: str = "rabbitmqctl") -> Any:
+        return json.loads(self.ctl(node, *args, "--formatter", "json", tool=tool) or "null")
+
+    def running_nodes(self, via: Node) -> list[str]:
+        status = self.ctl_json(via, "cluster_status")
+        return [str(n) for n in status.get("running_nodes", [])]
+
+    def node_by_name(self, nodename: str) -> Node:
+        for node in self.nodes:
+            if node.nodename == nodename:
+                return node
+        raise ClusterError(f"no node {nodename!r} in this cluster")
+
+    def leader(self, queue: str, via: Node) -> Node:
+        """The node that currently leads quorum queue ``queue``."""
+        rows = self.ctl_json(via, "list_queues", "name", "leader")
+        for row in rows:
+            if row.get("name") == queue and row.get("leader"):
+                return self.node_by_name(str(row["leader"]))
+        raise ClusterError(f"queue {queue!r} has no leader in {rows!r}")
+
+    def quorum_status(self, queue: str, via: Node) -> list[dict[str, Any]]:
+        """Per member: node, Raft state, log and commit index (rabbitmq-queues quorum_status)."""
+        rows = self.ctl_json(via, "quorum_status", queue, tool="rabbitmq-queues")
+        return [{_norm(k): v for k, v in row.items()} for row in rows]
+
+    def fifo_overview(self, queue: str, via: Node) -> dict[str, int]:
+        """Counts from the quorum queue's state machine on ``via``, including dead letters that
+        wait for an at-least-once dead-letter confirm (not part of ``list_queues messages``)."""
+        keys = (
+            "num_messages",
+            "num_ready_messages",
+            "num_checked_out",
+            "num_discarded",
+            "num_discard_checked_out",
+        )
+        expr = (
+            f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
+            "{RaName, _} = amqqueue:get_pid(Q), "
+            "{ok, {_, O}, _} = ra:local_query({RaName, node()}, fun rabbit_fifo:overview/1), "
+            f'io:format("~w~n", [[maps:get(K, O, -1) || K <- [{",".join(keys)}]]]).'
+        )
+        output = self.ctl(via, "eval", expr)
+        numbers = re.findall(r"-?\d+", output.splitlines()[0] if output else "")
+        return dict(zip(keys, map(int, numbers), strict=False))
+
+    def wait_caught_up(self, queues: Sequence[str], via: Node, timeout: float = 60.0) -> None:
+        """Wait until every queue has all members online and all commit indexes equal."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while True:
+            try:
+                if all(self._caught_up(q, via) for q in queues):
+                    return
+            except ClusterError as exc:  # a member may still be starting
+                last = exc
+            if time.monotonic() > deadline:
+                raise ClusterError(f"quorum replicas did not catch up within {timeout:g}s: {last}")
+            time.sleep(0.5)
+
+    def _caught_up(self, queue: str, via: Node) -> bool:
+        members = self.quorum_status(queue, via)
+        states = {str(m.get("raft_state")) for m in members}
+        commits = {m.get("commit_index") for m in members}
+        if len(members) != len(self.nodes) or not states <= {"leader", "follower"}:
+            return False
+        return "leader" in states and len(commits) == 1
+
+
+def _norm(key: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[RabbitCluster]:
+    """A started 3-node cluster, killed (by pid file) when the block exits, even on failure."""
+    cluster = RabbitCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class FailoverProxy:
+    """A loopback TCP proxy that sends each new connection to the first node that accepts it.
+
+    brokerjobs takes one broker URL; in production a load balancer or a Kubernetes Service in
+    front of the cluster plays this part. Open connections are not moved: when their node dies
+    they break, and the client's own reconnect lands on a live node.
+    """
+
+    def __init__(self, upstream_ports: Sequence[int]) -> None:
+        self.upstream_ports = list(upstream_ports)
+        self.port = 0
+        self.connections = 0
+        self.picked: list[int] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio logs a cancelled connection callback as an error: end quietly instead.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._serve(reader, writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream = None
+        for port in self.upstream_ports:
+            try:
+                upstream = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+            except (OSError, TimeoutError):
+                continue
+            self.picked.append(port)
+            break
+        if upstream is None:
+            writer.close()
+            return
+        self.connections += 1
+        up_reader, up_writer = upstream
+        self._writers.update((writer, up_writer))
+        pipes = [
+            asyncio.ensure_future(self._pipe(reader, up_writer)),
+            asyncio.ensure_future(self._pipe(up_reader, writer)),
+        ]
+        for pipe in pipes:
+            self._tasks.add(pipe)
+            pipe.add_done_callback(self._tasks.discard)
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for w in (writer, up_writer):
+            w.close()
+            self._writers.discard(w)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()

@@ -1,0 +1,180 @@
+"""Wire decoding, settings validation, URL redaction, and the pinned public API."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+import brokerjobs
+from brokerjobs import ConfigError, job
+from brokerjobs.envelope import Decoded, Delivery, Undecodable, decode, encode
+from brokerjobs.errors import JobDefinitionError
+from brokerjobs.jobs import spec_of
+from brokerjobs.redact import redact_url
+from brokerjobs.settings import load_settings
+
+
+@job("user.welcome", priority=4, version=2)
+class Welcome(BaseModel):
+    user_id: int
+
+
+JOBS = {"user.welcome": spec_of(Welcome)}
+
+
+def delivery(body: bytes, **kw: object) -> Delivery:
+    values: dict[str, object] = {
+        "delivery_tag": 1,
+        "exchange": "x",
+        "routing_key": "user.welcome",
+        "redelivered": False,
+        "job_name": "user.welcome",
+    }
+    values.update(kw)
+    return Delivery(body=body, **values)  # type: ignore[arg-type]
+
+
+def test_encode_sets_the_documented_properties_and_headers() -> None:
+    message = encode(Welcome(user_id=7))
+    assert message.body == b'{"user_id":7}'
+    assert message.job_name == "user.welcome"
+    assert message.priority == 4
+    assert message.persistent
+    assert message.headers == {"bj-attempt": 1, "bj-schema-version": 2}
+    assert len(message.message_id) == 32
+    assert encode(Welcome(user_id=7), priority=9).priority == 9
+
+
+def test_decode_round_trips_and_falls_back_to_the_routing_key() -> None:
+    result = decode(delivery(b'{"user_id": 7}', job_name=None), JOBS, 1000)
+    assert isinstance(result, Decoded)
+    assert result.job == Welcome(user_id=7)
+
+
+@pytest.mark.parametrize(
+    ("body", "kw", "reason"),
+    [
+        (b'{"user_id":', {}, "malformed JSON"),
+        (b'{"user_id": "x"}', {}, "does not match Welcome (user.welcome): user_id"),
+        (b"\xff", {}, "not valid UTF-8"),
+        (b"{}", {"job_name": "user.bye"}, "unknown job type 'user.bye'"),
+        (b"{}", {"content_type": "application/x-pickle"}, "is not application/json"),
+        (b"x" * 1001, {}, "exceeds the limit of 1000"),
+    ],
+)
+def test_decode_explains_why_a_delivery_is_not_a_job(body: bytes, kw: dict, reason: str) -> None:
+    result = decode(delivery(body, **kw), JOBS, 1000)
+    assert isinstance(result, Undecodable)
+    assert reason in result.reason
+
+
+def test_attempt_header_tolerates_foreign_encodings() -> None:
+    assert delivery(b"", headers={"bj-attempt": b"3"}).attempt == 3
+    assert delivery(b"", headers={"bj-attempt": "x"}).attempt == 1
+    assert delivery(b"").attempt == 1
+
+
+def test_plain_models_and_bad_names_are_refused() -> None:
+    class Plain(BaseModel):
+        a: int
+
+    with pytest.raises(JobDefinitionError, match="decorate it with @brokerjobs.job"):
+        spec_of(Plain)
+    with pytest.raises(JobDefinitionError, match="wildcards"):
+        job("user.*")
+
+
+@pytest.mark.parametrize(
+    ("url", "safe"),
+    [
+        ("amqp://bob:s3cret@host:5672/vh", "amqp://bob:***@host:5672/vh"),
+        ("amqps://bob:s3cret@host/", "amqps://bob:***@host/"),
+        ("amqp://host/", "amqp://host/"),
+    ],
+)
+def test_redact_url_hides_the_password(url: str, safe: str) -> None:
+    assert redact_url(url) == safe
+
+
+def test_settings_errors_name_the_setting_and_never_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BROKERJOBS_URL", "redis://u:topsecret@h/")
+    with pytest.raises(ConfigError, match="amqp:// or amqps://") as info:
+        load_settings()
+    assert "topsecret" not in str(info.value)
+    monkeypatch.setenv("BROKERJOBS_URL", "amqp://u:p@h/")
+    monkeypatch.setenv("BROKERJOBS_PREFETCH", "0")
+    with pytest.raises(ConfigError, match="prefetch"):
+        load_settings()
+    monkeypatch.setenv("BROKERJOBS_PREFETCH", "5")
+    settings = load_settings()
+    assert settings.prefetch == 5
+    assert "p@" not in repr(settings)
+
+
+def test_tls_settings_build_a_verifying_context(tmp_path) -> None:
+    settings = load_settings(url="amqps://u:p@broker.example:5671/")
+    context = settings.ssl_context()
+    assert context is not None and context.check_hostname
+    with pytest.raises(ConfigError, match="not a readable file"):
+        load_settings(url="amqps://h/", tls_ca_file=str(tmp_path / "missing.pem"))
+
+
+def test_consumer_timeout_warning() -> None:
+    assert load_settings(job_timeout=60).consumer_timeout_problem() is None
+    warning = load_settings(job_timeout=3600).consumer_timeout_problem()
+    assert warning is not None and "consumer_timeout" in warning
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(brokerjobs.__all__) == [
+        "App",
+        "BrokerJobsError",
+        "BrokerUnreachable",
+        "ConfigError",
+        "JobContext",
+        "PermanentFailure",
+        "PublishError",
+        "Publisher",
+        "RetryLater",
+        "RetryPolicy",
+        "Settings",
+        "TopologyMismatch",
+        "UnroutableJob",
+        "Worker",
+        "current_job",
+        "job",
+    ]
+
+
+def test_otlp_export_is_configured_from_the_standard_environment_variable() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from brokerjobs.telemetry import configure_from_environment, Telemetry\n"
+        "assert not configure_from_environment({})\n"
+        "assert configure_from_environment({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://127.0.0.1:9'})\n"
+        "t = Telemetry(); print(t.tracing, t.metering)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["True", "True"]
+
+
+def test_cached_property_encoding_is_byte_identical_to_pamqp() -> None:
+    from brokerjobs.transport import _pamqp_properties, _properties
+
+    first = encode(Welcome(user_id=1), headers={"traceparent": "00-abc-def-01"})
+    second = encode(Welcome(user_id=2), headers={"traceparent": "00-abc-def-01"})
+    second.timestamp = first.timestamp
+    for message in (first, second):
+        assert _properties(message).marshal() == _pamqp_properties(
+            message, message.message_id
+        ).marshal()
+    odd = encode(Welcome(user_id=3), message_id="x")
+    assert _properties(odd).marshal() == _pamqp_properties(odd, "x").marshal()
+    nested = encode(Welcome(user_id=4), headers={"x-death": [{"count": 1}]})
+    assert _properties(nested).marshal() == _pamqp_properties(nested, nested.message_id).marshal()
