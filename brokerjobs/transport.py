@@ -52,6 +52,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+CLOSE_TIMEOUT_S = 5.0
+_background: set[asyncio.Future[None]] = set()  # strong references to fire-and-forget closes
 
 
 class MessageChannel(Protocol):
@@ -107,7 +109,8 @@ async def connect(settings: Settings, role: str) -> Connection:
             with attempt:
                 # A cluster: each attempt tries the next node, so a dead node is skipped.
                 url = urls[(attempt.retry_state.attempt_number - 1) % len(urls)]
-                return await _connect_once(settings, url, properties)
+                raw = await _connect_once(settings, url, properties)
+                return Connection(raw, confirm_timeout=settings.confirm_timeout)
     except _Unreachable as exc:
         raise BrokerUnreachable(
             f"cannot reach RabbitMQ at {settings.safe_url} after {settings.connect_timeout:g}s: "
@@ -116,7 +119,9 @@ async def connect(settings: Settings, role: str) -> Connection:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _connect_once(settings: Settings, url: str, properties: dict[str, Any]) -> Connection:
+async def _connect_once(
+    settings: Settings, url: str, properties: dict[str, Any]
+) -> aio_pika.abc.AbstractConnection:
     try:
         raw = await aio_pika.connect(
             url,
@@ -132,7 +137,7 @@ async def _connect_once(settings: Settings, url: str, properties: dict[str, Any]
     except CONNECT_ERRORS as exc:
         log.info("connect to %s failed: %s; retrying", redact_url(url), type(exc).__name__)
         raise _Unreachable(f"{type(exc).__name__}: {_describe(exc)}") from None
-    return Connection(raw)
+    return raw
 
 
 def _describe(exc: BaseException) -> str:
@@ -144,8 +149,9 @@ def _describe(exc: BaseException) -> str:
 class Connection:
     """One AMQP connection; ``lost`` completes when it closes for any reason."""
 
-    def __init__(self, raw: aio_pika.abc.AbstractConnection) -> None:
+    def __init__(self, raw: aio_pika.abc.AbstractConnection, *, confirm_timeout: float) -> None:
         self._raw = raw
+        self._confirm_timeout = confirm_timeout
         self._channels: list[Channel] = []  # strong references: aio-pika keeps only weak ones
         self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
         raw.close_callbacks.add(self._on_close)
@@ -174,22 +180,31 @@ class Connection:
         if prefetch is not None:
             # global=False: per consumer, set before consuming (a global QoS breaks quorum queues).
             await underlay.basic_qos(prefetch_count=prefetch, global_=False)
-        channel = Channel(raw, underlay)
+        channel = Channel(raw, underlay, confirm_timeout=self._confirm_timeout)
         self._channels.append(channel)
         return channel
 
     async def close(self) -> None:
+        # Bounded: a wedged broker may never answer connection.close.
         with contextlib.suppress(*CONNECTION_ERRORS):
-            await self._raw.close()
+            await asyncio.wait_for(self._raw.close(), CLOSE_TIMEOUT_S)
         self._on_close(None)
 
 
 class Channel:
     """One AMQP channel with confirms; all operations the rest of brokerjobs needs."""
 
-    def __init__(self, raw: aio_pika.abc.AbstractChannel, underlay: aiormq.abc.AbstractChannel):
+    def __init__(
+        self,
+        raw: aio_pika.abc.AbstractChannel,
+        underlay: aiormq.abc.AbstractChannel,
+        *,
+        confirm_timeout: float,
+    ) -> None:
         self._raw = raw
         self._ch = cast(aiormq.Channel, underlay)
+        self._confirm_timeout = confirm_timeout
+        self.broken = False  # a confirm timed out: nothing more may be trusted to this channel
         self.consumer_cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
 
@@ -203,11 +218,11 @@ class Channel:
 
     @property
     def is_closed(self) -> bool:
-        return bool(self._ch.is_closed)
+        return self.broken or bool(self._ch.is_closed)
 
     async def close(self) -> None:
         with contextlib.suppress(*CONNECTION_ERRORS):
-            await self._raw.close()
+            await asyncio.wait_for(self._raw.close(), CLOSE_TIMEOUT_S)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -263,6 +278,7 @@ class Channel:
                 properties=properties,
                 mandatory=True,
                 wait=False,
+                timeout=self._confirm_timeout,
             )
         except amqp_errors.DeliveryError as exc:
             raise PublishNacked(
@@ -273,8 +289,26 @@ class Channel:
             if not self._ch.is_closed:
                 raise
             raise self._lost(message) from None
+        except TimeoutError:  # before CONNECTION_ERRORS: TimeoutError is an OSError
+            self._give_up(f"no confirm within {self._confirm_timeout:g}s")
+            raise PublishInterrupted(
+                f"the broker did not confirm job {message.message_id} within "
+                f"{self._confirm_timeout:g}s (BROKERJOBS_CONFIRM_TIMEOUT); it may or may not be "
+                "stored, publish it again"
+            ) from None
         except CONNECTION_ERRORS:
             raise self._lost(message) from None
+
+    def _give_up(self, why: str) -> None:
+        """Stop trusting this channel: callers see it closed and open a new one."""
+        if self.broken:
+            return
+        self.broken = True
+        log.warning("dropping AMQP channel %s: %s", self._ch.number, why)
+        # Closing fails every other unconfirmed publish on it, so they are republished too.
+        close = asyncio.ensure_future(self.close())
+        _background.add(close)
+        close.add_done_callback(_background.discard)
 
     @staticmethod
     def _lost(message: OutgoingMessage) -> PublishInterrupted:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from brokerjobs import App, Publisher, Settings, Worker
+from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job
 from brokerjobs.topology import declare
 from tests.support.broker import TEST_URL, Broker, make_settings, running_worker, unique, wait_for
 from tests.support.fault_app import (
@@ -41,6 +41,7 @@ from tests.support.fault_app import (
     read_records,
 )
 from tests.support.proxy import (
+    BASIC_ACK,
     BASIC_CONSUME,
     CHANNEL_CLOSE,
     CHANNEL_OPEN,
@@ -546,3 +547,65 @@ async def test_stop_during_a_broker_outage_returns_promptly(broker: Broker, tmp_
 
     report("stop-during-outage", seconds=f"{took:.2f}", refused=proxy.refused)
     assert took < 2.0, f"stop() took {took:.1f}s during the outage (connect_timeout=6s)"
+
+
+# -- 7. a confirm that never comes ---------------------------------------------------------------
+
+
+async def test_publish_whose_confirm_never_comes_is_republished_on_a_new_connection(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The broker stores a job but its confirm is lost while the connection stays up (seen on a
+    3-node cluster after a node kill): the publish must not hang. After confirm_timeout the
+    publisher drops the channel and publishes again, with the same id, on a new connection."""
+    app = await fault_topology(broker, unique("noconfirm"), tmp_path / "records")
+    queue = queue_name(app.name)
+
+    async with proxy_to_broker() as proxy:
+        settings = proxied_settings(proxy, confirm_timeout=1.0)
+        async with Publisher(settings, exchange=app.exchange) as publisher:
+            proxy.swallow(BASIC_ACK, sender="server")
+            job_id = await asyncio.wait_for(publisher.publish(FaultJob(n=1)), 20)
+            second_id = await publisher.publish(FaultJob(n=2))
+        connections = proxy.accepted
+
+    stored = await broker.drain(queue)
+    report("no-confirm", connections=connections, stored=len(stored))
+    assert proxy.triggered == [("server", BASIC_ACK)]
+    assert connections == 2, "the channel with the missing confirm must be replaced"
+    # Stored twice (the unconfirmed copy and the republished one), same id: a bounded duplicate.
+    assert [d.message_id for d in stored] == [job_id, job_id, second_id]
+
+
+async def test_worker_whose_retry_confirm_never_comes_opens_a_new_session(
+    broker: Broker,
+) -> None:
+    """A failing job's copy to the retry tier is stored but never confirmed: the original stays
+    unacked, the worker drops the session after confirm_timeout, and the job is still retried
+    and completed (at least once), without hanging a prefetch slot forever."""
+    app = broker.track(App(unique("noconfirmw")))
+    completed: list[int] = []
+
+    @app.handler(FaultJob, retry=RetryPolicy(delays=(0.2,), max_attempts=5))
+    async def handle(task: FaultJob) -> None:
+        if current_job().attempt == 1:
+            raise RuntimeError("first attempt fails")
+        completed.append(task.n)
+
+    async with proxy_to_broker() as proxy:
+        settings = proxied_settings(proxy, confirm_timeout=1.0, prefetch=5)
+        async with worker_task(app, settings) as (worker, task):
+            proxy.swallow(BASIC_ACK, sender="server")  # the retry copy's confirm
+            await publish_jobs(app.exchange, 1)
+            await wait_for(lambda: bool(completed and worker.reconnects) or task.done(), 30)
+            assert not task.done()
+            await wait_for(lambda: worker.ready, 15)
+            reconnects = worker.reconnects
+    main = app.topology().main_queues[0].name
+
+    report("no-confirm-worker", reconnects=reconnects, completions=len(completed))
+    assert proxy.triggered == [("server", BASIC_ACK)]
+    assert reconnects >= 1
+    # The unconfirmed retry copy was stored too: the job may complete twice, never zero times.
+    assert 1 <= len(completed) <= 2
+    assert await broker.depth(main) == 0

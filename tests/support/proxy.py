@@ -8,6 +8,8 @@
 ...     proxy.resume()
 ...     proxy.cut_on(CHANNEL_OPEN)  # abort the connection instead of forwarding the next
 ...                                 # channel.open a client sends: a loss in the middle of an RPC
+...     proxy.swallow(BASIC_ACK, sender="server")  # drop the next confirm, keep the connection:
+...                                                # a broker that never answers
 
 The proxy reads the AMQP 0-9-1 frames it forwards (type, channel, size, payload, frame-end) only to
 recognise methods for ``cut_on``; it forwards every byte unchanged.
@@ -45,6 +47,7 @@ QUEUE_BIND_OK: Method = (50, 21)
 BASIC_QOS_OK: Method = (60, 11)
 BASIC_CONSUME_OK: Method = (60, 21)
 CONFIRM_SELECT_OK: Method = (85, 11)
+BASIC_ACK: Method = (60, 80)  # a publisher confirm (the client acks deliveries with it too)
 
 _PROTOCOL_HEADER = 8  # b"AMQP\x00\x00\x09\x01", sent by the client before its first frame
 _FRAME_HEADER = 7  # type (1), channel (2), payload size (4); then payload and frame-end (1)
@@ -57,6 +60,7 @@ class _Trigger:
     method: Method
     forward: bool
     times: int
+    swallow: bool = False  # drop the frame and keep the connection open
 
 
 class _Link:
@@ -151,6 +155,10 @@ class TcpProxy:
         """
         self._triggers.append(_Trigger(sender, method, forward, times))
 
+    def swallow(self, method: Method, *, sender: Sender = "server", times: int = 1) -> None:
+        """Drop the next ``times`` ``method`` frames ``sender`` sends; the connection stays up."""
+        self._triggers.append(_Trigger(sender, method, forward=False, times=times, swallow=True))
+
     @property
     def armed(self) -> int:
         """How many cut_on() triggers have not fired yet."""
@@ -242,6 +250,8 @@ class TcpProxy:
                 if header[0] == _FRAME_METHOD and size >= 4:
                     method = (int.from_bytes(frame[7:9], "big"), int.from_bytes(frame[9:11], "big"))
                     trigger = self._trigger(sender, method)
+                if trigger is not None and trigger.swallow:
+                    continue
                 if trigger is not None and trigger.forward:
                     writer.write(frame)
                     with contextlib.suppress(ConnectionError, OSError):
