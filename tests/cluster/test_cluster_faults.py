@@ -9,11 +9,13 @@ brokerjobs connects to one URL, so each client goes through a FailoverProxy that
 new connection to the first live node (the part a load balancer or a Kubernetes Service plays
 in production): on a node loss the client's own reconnect lands on another node.
 
-Known RabbitMQ 3.10.8 issue: after the leader kill, retries being dead-lettered from the retry
-tier back to the main queue can stay stranded in the tier's at-least-once dead-letter state
-(seen: 80 jobs, ``num_discard_checked_out`` 32 + ``num_discarded`` 48), even with
-``dead_letter_worker_publisher_confirm_timeout`` at 5 s. Such jobs are counted as stranded, not
-lost: the test xfails when every missing job is accounted for there.
+Known RabbitMQ 3.10.8 behaviour: after the leader kill, retries being dead-lettered from the
+retry tier back to the main queue can stay held in the tier's at-least-once dead-letter state
+(seen: 80 jobs, ``num_discard_checked_out`` 32 + ``num_discarded`` 48, in about one run of
+three) until the killed node is back. They are not lost: when the test sees no progress, it
+first restarts the worker (jobs stuck unacked would show up then, and fail the test), then
+restarts the killed node, as operations would, and every held job is processed. The report
+counts them as ``held_until_heal``.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def settings(url: str, **overrides: object) -> Settings:
         "url": url,
         "heartbeat": 5,
         "connect_timeout": 20.0,
+        "confirm_timeout": 5.0,
         "shutdown_grace": 5.0,
         "prefetch": PREFETCH,
     }
@@ -227,6 +230,7 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
     events: list[str] = []
     stuck: set[str] = set()
     stranded = 0  # dead letters held in the retry tiers' at-least-once dead-letter state
+    held_before_heal = 0  # of those, still missing until the killed node came back
     reconnects = 0
     depths: dict[str, int] = {}
 
@@ -292,6 +296,16 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
             with contextlib.suppress(AssertionError):
                 await wait_until(lambda: tally.confirmed <= tally.processed, 30, "recovery")
             stuck &= tally.processed
+            if stranded and not tally.confirmed <= tally.processed:
+                # What operations would do next anyway: bring the killed node back.
+                held_before_heal = len(tally.confirmed - tally.processed)
+                note(f"{held_before_heal} still missing: restarting {leader.nodename}")
+                await asyncio.to_thread(cluster.restart, leader)
+                await asyncio.to_thread(cluster.wait_caught_up, all_queues, survivor)
+                with contextlib.suppress(AssertionError):
+                    await wait_until(lambda: tally.confirmed <= tally.processed, 60, "heal")
+                note(f"after the heal: {len(tally.confirmed - tally.processed)} missing")
+                await held_in_dead_letter_state(cluster, survivor, topology, note)
         if worker_task.done():
             worker_task.result()
         depths = await queue_depths(survivor.url, all_queues)
@@ -312,6 +326,7 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
     report = (
         f"confirmed={len(tally.confirmed)} processed={len(tally.processed)} lost={len(lost)} "
         f"duplicates={tally.duplicates} stuck={len(stuck)} stranded_in_dlx={stranded} "
+        f"held_until_heal={held_before_heal} "
         f"attempts={dict(sorted(tally.attempts.items()))} "
         f"worker_reconnects={reconnects} publish_errors_retried={tally.publish_errors} "
         f"worker_connections={worker_proxy.connections} "
@@ -320,13 +335,6 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
     print("\n" + "\n".join(events) + "\n" + report)
 
     assert len(tally.confirmed) == TOTAL
-    if lost and len(lost) <= stranded:
-        # Not lost: held by the broker in the retry tier (RabbitMQ 3.10.8 at-least-once
-        # dead-letter worker after a leader failover; see the module docstring).
-        pytest.xfail(
-            f"{len(lost)} retried job(s) stranded in the retry tier's dead-letter state "
-            f"({stranded} held there) after the leader kill (RabbitMQ issue); {report}"
-        )
     assert not lost, f"{len(lost)} confirmed job(s) never processed: {sorted(lost)[:10]}; {report}"
     assert tally.processed <= tally.confirmed
     assert depths == dict.fromkeys(all_queues, 0), depths
