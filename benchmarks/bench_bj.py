@@ -127,17 +127,21 @@ async def consume(cfg: ChildConfig) -> Result:
     async def handler(_: BenchOrder) -> None:
         countdown.tick()
 
-    if cfg.variant == "otel":
+    if cfg.variant in ("otel", "otel-sampled"):
         from bench_otel import SdkTelemetry
 
-        otel = SdkTelemetry()  # set up before the clock starts, like the worker's own imports
+        # Set up before the clock starts, like the worker's own imports.
+        otel = SdkTelemetry(SAMPLED_RATIO if cfg.variant == "otel-sampled" else None)
         start = await _drain(cfg, handler, countdown.done, otel.telemetry)
-        checks = otel.counts()
+        checks = otel.counts() | {"sdk_floor_us": otel.floor_us()}
     else:
         start = await _drain(cfg, handler, countdown.done)
         checks = {}
     rss = {"rss_mb": peak_rss_mb(), "import_rss_mb": import_rss}
     return countdown.throughput(*start) | rss | checks
+
+
+SAMPLED_RATIO = 0.1  # the telemetry-sampled scenario's trace sampling ratio
 
 
 class BenchFailure(Exception):

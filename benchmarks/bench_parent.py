@@ -50,7 +50,7 @@ class Admin:
         self._connection = connection
         self._channel = channel
         self._cfg = cfg
-        self._bj_connection = Connection(connection)
+        self._bj_connection = Connection(connection, confirm_timeout=30.0)
         self.plan: TopologyPlan = bench_bj.make_app(cfg).topology()
         self.main = cfg.queue
         self.parking = parking_queue_name(cfg.queue)

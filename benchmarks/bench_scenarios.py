@@ -244,22 +244,34 @@ async def _expect_retry_queues_empty(bench: Bench, variant: str) -> None:
         await admin.expect_depth(0, f"after the retry run ({variant})", queue)
 
 
+def _telemetry_metrics(value_name: str) -> tuple[Metric, ...]:
+    return (
+        Metric("rate", "drain {jobs} jobs, prefetch {prefetch}", "msg/s", True),
+        Metric(
+            "rate",
+            "  telemetry overhead (1 - on/off)",
+            "%",
+            False,
+            value_name=value_name,
+            derive=overhead,
+            target=0.15,
+        ),
+        Metric("cpu_us_per_job", "  consumer CPU time per job", "us", False),
+        Metric("sdk_floor_us", "  SDK floor per job: bare span + 1 histogram record", "us", False),
+        Metric("rss_mb", "consumer process peak RSS", "MiB", False),
+    )
+
+
+_TELEMETRY_OFF = Arm(
+    "off", "telemetry off", "the consume scenario's Worker, telemetry off (default)"
+)
+
+
 @scenario(
     "telemetry",
-    Metric("rate", "drain {jobs} jobs, prefetch {prefetch}", "msg/s", True),
-    Metric(
-        "rate",
-        "  telemetry overhead (1 - on/off)",
-        "%",
-        False,
-        value_name="telemetry_overhead",
-        derive=overhead,
-        target=0.15,
-    ),
-    Metric("cpu_us_per_job", "  consumer CPU time per job", "us", False),
-    Metric("rss_mb", "consumer process peak RSS", "MiB", False),
+    *_telemetry_metrics("telemetry_overhead"),
     arms=(
-        Arm("off", "telemetry off", "the consume scenario's Worker, telemetry off (default)"),
+        _TELEMETRY_OFF,
         Arm(
             "on",
             "telemetry on",
@@ -271,14 +283,38 @@ async def _expect_retry_queues_empty(bench: Bench, variant: str) -> None:
     repeat=2,
 )
 async def telemetry(bench: Bench, arm: str) -> Result:
+    return await _telemetry_run(bench, arm, "otel", sampled=False)
+
+
+@scenario(
+    "sampled",
+    *_telemetry_metrics("telemetry_overhead_sampled"),
+    arms=(
+        _TELEMETRY_OFF,
+        Arm(
+            "on",
+            "on, 10% traced",
+            "as telemetry on, but the TracerProvider samples 10% of traces "
+            "(ParentBased(TraceIdRatioBased(0.1))); every delivery still measured in metrics",
+        ),
+    ),
+    repeat=2,
+)
+async def telemetry_sampled(bench: Bench, arm: str) -> Result:
+    return await _telemetry_run(bench, arm, "otel-sampled", sampled=True)
+
+
+async def _telemetry_run(bench: Bench, arm: str, variant: str, *, sampled: bool) -> Result:
     admin, jobs = bench.admin, bench.base.jobs
     await admin.purge()
     await admin.prefill("bj", jobs)
-    result = await bench.child("bj", "consume", variant="otel" if arm == "on" else "")
-    await admin.expect_depth(0, f"after the telemetry-{arm} consume")
-    if arm == "on" and (result["spans"] != jobs or result["consumed_metric"] != jobs):
-        raise BenchError(
-            f"telemetry on: {result['spans']:g} spans and {result['consumed_metric']:g} "
-            f"consumed messages counted for {jobs} jobs"
-        )
+    result = await bench.child("bj", "consume", variant=variant if arm == "on" else "")
+    await admin.expect_depth(0, f"after the {variant}-{arm} consume")
+    if arm == "on":
+        spans_ok = 0 < result["spans"] < jobs if sampled else result["spans"] == jobs
+        if not spans_ok or result["consumed_metric"] != jobs:
+            raise BenchError(
+                f"{variant}: {result['spans']:g} spans and {result['consumed_metric']:g} "
+                f"consumed messages counted for {jobs} jobs"
+            )
     return result

@@ -32,6 +32,11 @@ class Options:
     prefetch: int
     profile_dir: Path | None
     quick: bool = False  # a smoke test: each scenario once per arm
+    only: tuple[str, ...] = ()  # scenario names to run; empty: all
+
+    @property
+    def scenarios(self) -> list[Scenario]:
+        return [s for s in SCENARIOS if not self.only or s.name in self.only]
 
 
 def _names() -> tuple[str, str]:
@@ -65,7 +70,7 @@ async def _run_rounds(bench: Bench, options: Options) -> Results:
     results = Results()
     for round_index in range(options.rounds):
         bench.round = round_index
-        for scenario in SCENARIOS:
+        for scenario in options.scenarios:
             bench.scenario = scenario.name
             for repetition in range(1 if options.quick else scenario.repeat):
                 bench.repetition = repetition
@@ -144,9 +149,9 @@ async def run_suite(options: Options) -> None:
     lines = [
         *_header(options, time.monotonic() - started),
         "",
-        *table(results, SCENARIOS, params),
+        *table(results, options.scenarios, params),
         "",
-        *legend(SCENARIOS),
-        result_line(results, SCENARIOS),
+        *legend(options.scenarios),
+        result_line(results, options.scenarios),
     ]
     print("\n".join(lines), flush=True)

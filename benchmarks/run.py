@@ -6,7 +6,8 @@ parked-job replay; and brokerjobs alone: the cost of a retry hop, and of telemet
 
 The last line is ``RESULT consume_ratio=.. publish_ratio=.. latency_p50_ratio=.. rss_ratio=..
 replay_rate=.. retry_hop_ms=.. telemetry_overhead=.. replay_ratio=.. retry_extra_ms=..
-retry_hop_paced_ms=..`` (ratios are brokerjobs / raw aio-pika). See benchmarks/README.md.
+retry_hop_paced_ms=.. telemetry_overhead_sampled=..`` (ratios are brokerjobs / raw aio-pika).
+See benchmarks/README.md.
 
 Internally, ``--child SIDE:TASK --config JSON`` runs one measurement in this fresh process and
 prints ``BENCH_RESULT {json}``; the parent starts those children.
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--url", default=os.environ.get("BROKERJOBS_BENCH_URL", DEFAULT_URL), help="loopback only"
     )
     parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile every child")
+    parser.add_argument(
+        "--only", metavar="NAMES", default="", help="comma-separated scenarios to run (default all)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", type=Path, help=argparse.SUPPRESS)
@@ -82,7 +86,15 @@ def run_child(spec: str, config: str, profile_out: Path | None) -> None:
 def run_parent(args: argparse.Namespace) -> int:
     # Imported here: they import brokerjobs, which a raw child must never load.
     from bench_parent import BenchError
+    from bench_scenarios import SCENARIOS
     from bench_suite import Options, run_suite
+
+    only = tuple(name for name in args.only.split(",") if name)
+    unknown = sorted(set(only) - {s.name for s in SCENARIOS})
+    if unknown:
+        known = ", ".join(s.name for s in SCENARIOS)
+        print(f"unknown scenario(s) {', '.join(unknown)}; choose from {known}", file=sys.stderr)
+        return 2
 
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -96,6 +108,7 @@ def run_parent(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         profile_dir=args.profile,
         quick=args.quick,
+        only=only,
     )
     try:
         asyncio.run(run_suite(options))
