@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -21,7 +24,14 @@ from pydantic import (
 from brokerjobs.errors import ConfigError
 from brokerjobs.redact import redact_url
 
+log = logging.getLogger("brokerjobs.settings")
+
 ENV_PREFIX = "BROKERJOBS_"
+# Read by brokerjobs' own test and benchmark scripts, not by the library.
+DEVELOPMENT_VARIABLES = frozenset(
+    {"BROKERJOBS_TEST_URL", "BROKERJOBS_BENCH_URL", "BROKERJOBS_REQUIRE_BROKER"}
+)
+_warned: set[str] = set()
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # RabbitMQ default consumer_timeout (3.8.17+): a delivery unacked longer closes the channel.
 BROKER_CONSUMER_TIMEOUT_DEFAULT_S = 1800.0
@@ -142,8 +152,32 @@ def _split_urls(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def unknown_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """``BROKERJOBS_*`` variables that are no setting (a typo is otherwise silently ignored),
+    each with why: ``{name: "is not a brokerjobs setting ...; did you mean ...?"}``."""
+    settings = sorted(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+    problems = {}
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in settings:
+            if name in DEVELOPMENT_VARIABLES:
+                continue
+            # Compared without the shared prefix, which would make every name look close.
+            suffixes = [known.removeprefix(ENV_PREFIX) for known in settings]
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+            problems[name] = f"is not a brokerjobs setting and is ignored{hint}"
+    return problems
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment plus explicit overrides; errors name the fix."""
+    """Build settings from the environment plus explicit overrides; errors name the fix.
+
+    Unknown ``BROKERJOBS_*`` variables are logged as warnings, once per process.
+    """
+    for name, problem in unknown_variables(os.environ).items():
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("environment variable %s %s", name, problem)
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
         return Settings(**given)

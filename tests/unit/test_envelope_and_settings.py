@@ -178,3 +178,35 @@ def test_cached_property_encoding_is_byte_identical_to_pamqp() -> None:
     assert _properties(odd).marshal() == _pamqp_properties(odd, "x").marshal()
     nested = encode(Welcome(user_id=4), headers={"x-death": [{"count": 1}]})
     assert _properties(nested).marshal() == _pamqp_properties(nested, nested.message_id).marshal()
+
+
+def test_a_mistyped_variable_is_named_with_the_setting_it_resembles(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from brokerjobs.settings import unknown_variables
+
+    problems = unknown_variables(
+        {
+            "BROKERJOBS_PREFECH": "10",
+            "BROKERJOBS_COMPLETELY_ELSE": "1",
+            "BROKERJOBS_PREFETCH": "10",  # a real setting
+            "BROKERJOBS_TEST_URL": "amqp://h/",  # the test suite's own
+            "OTHER_PREFETCH": "1",
+        }
+    )
+    assert problems == {
+        "BROKERJOBS_PREFECH": "is not a brokerjobs setting and is ignored; "
+        "did you mean BROKERJOBS_PREFETCH?",
+        "BROKERJOBS_COMPLETELY_ELSE": "is not a brokerjobs setting and is ignored",
+    }
+
+    monkeypatch.setenv("BROKERJOBS_JOB_TIMOUT", "5")
+    with caplog.at_level("WARNING", logger="brokerjobs.settings"):
+        settings = load_settings()
+        load_settings()
+    warnings = [r.getMessage() for r in caplog.records if "JOB_TIMOUT" in r.getMessage()]
+    assert warnings == [
+        "environment variable BROKERJOBS_JOB_TIMOUT is not a brokerjobs setting and is "
+        "ignored; did you mean BROKERJOBS_JOB_TIMEOUT?"
+    ]
+    assert settings.job_timeout == 300.0
