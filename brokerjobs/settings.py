@@ -183,7 +183,16 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}"
+            f"{_source(error['loc'], given)}: {error['msg']}"
             for error in exc.errors(include_url=False, include_input=False)
         )
         raise ConfigError(f"invalid brokerjobs settings: {problems}") from None
+
+
+def _source(loc: tuple[int | str, ...], given: Mapping[str, object]) -> str:
+    """Where a bad value came from: the environment variable, else the argument name."""
+    field = str(loc[0]) if loc else ""
+    variable = ENV_PREFIX + field.upper()
+    if field and field not in given and os.environ.get(variable):
+        return variable
+    return ".".join(str(part) for part in loc) or "settings"

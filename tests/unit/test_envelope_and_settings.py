@@ -105,8 +105,10 @@ def test_settings_errors_name_the_setting_and_never_the_password(
     assert "topsecret" not in str(info.value)
     monkeypatch.setenv("BROKERJOBS_URL", "amqp://u:p@h/")
     monkeypatch.setenv("BROKERJOBS_PREFETCH", "0")
-    with pytest.raises(ConfigError, match="prefetch"):
+    with pytest.raises(ConfigError, match="BROKERJOBS_PREFETCH: Input should be greater"):
         load_settings()
+    with pytest.raises(ConfigError, match="settings: prefetch: Input should be greater"):
+        load_settings(prefetch=-1)  # an argument is named as such
     monkeypatch.setenv("BROKERJOBS_PREFETCH", "5")
     settings = load_settings()
     assert settings.prefetch == 5
