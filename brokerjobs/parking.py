@@ -428,10 +428,15 @@ async def _deliveries(channel: Channel, queue: str, total: int) -> AsyncIterator
     tag = await channel.consume(queue, receive)
     try:
         for _ in range(total):
-            try:
-                yield await asyncio.wait_for(inbox.get(), IDLE_TIMEOUT_S)
-            except TimeoutError:
-                return
+            if not inbox.empty():
+                delivery = inbox.get_nowait()  # no timer, and no task as wait_for makes
+            else:
+                try:
+                    async with asyncio.timeout(IDLE_TIMEOUT_S):
+                        delivery = await inbox.get()
+                except TimeoutError:
+                    return
+            yield delivery
     finally:
         with contextlib.suppress(Exception):
             await channel.cancel(tag)
