@@ -30,7 +30,7 @@ async def test_invalid_settings_stop_the_worker_with_the_setting_named() -> None
         run_cli, "worker", "examples.demo:app", BROKERJOBS_PREFETCH="0"
     )
     assert result.returncode == 2
-    assert "prefetch" in result.stderr
+    assert "BROKERJOBS_PREFETCH: Input should be greater than or equal to 1" in result.stderr
 
 
 async def test_an_app_path_that_does_not_import_is_a_clear_error() -> None:
