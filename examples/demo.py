@@ -24,7 +24,7 @@ class SendEmail(BaseModel):
     subject: str
 
 
-app = App("demo")
+app = App("demo", track_status=True)  # the producer awaits each job's final state
 app.queue("demo.images", "image.*")
 app.queue("demo.emails", "email.#")
 

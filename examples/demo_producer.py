@@ -1,46 +1,39 @@
-"""Demo producer: publishes thumbnail and email jobs, then waits until the queues are empty."""
+"""Demo producer: publishes thumbnail and email jobs, then waits until each one has finished."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 
 from brokerjobs import Publisher, Settings
-from brokerjobs.transport import connect
+from brokerjobs.status import StatusTracker
 from examples.demo import MakeThumbnail, SendEmail, app
 
 log = logging.getLogger("demo.producer")
 
 
-async def wait_until_drained(settings: Settings, limit_s: float) -> None:
-    topology = app.topology()
-    watched = [q.name for q in topology.queues if q.role in ("main", "retry")]
-    connection = await connect(settings, "demo-monitor")
-    try:
-        channel = await connection.channel(confirms=False)
-        async with asyncio.timeout(limit_s):
-            while True:
-                depths = [(await channel.inspect_queue(name)).messages for name in watched]
-                log.info("waiting: %d job(s) queued or waiting for a retry", sum(depths))
-                if sum(depths) == 0:
-                    return
-                await asyncio.sleep(1)
-    finally:
-        await connection.close()
-
-
-async def main(count: int) -> None:
+async def main(count: int, limit_s: float = 120) -> None:
     settings = Settings()
     jobs = [
         MakeThumbnail(image_id=i) if i % 2 else SendEmail(to=f"user{i}@example.com", subject="hi")
         for i in range(count)
     ]
-    async with Publisher(settings, exchange=app.exchange) as publisher:
-        ids = await publisher.publish_many(jobs)
-    log.info("published %d jobs, all confirmed by the broker", len(ids))
-    await wait_until_drained(settings, limit_s=120)
-    log.info("all jobs processed")
+    # Subscribed to the app's status events before publishing, so no final state is missed.
+    async with StatusTracker(settings, exchange=app.exchange) as tracker:
+        async with Publisher(settings, exchange=app.exchange) as publisher:
+            ids = await publisher.publish_many(jobs)
+        log.info("published %d jobs, all confirmed by the broker", len(ids))
+        finished = await asyncio.gather(*(tracker.wait(job_id, limit_s) for job_id in ids))
+    states = collections.Counter(status.state for status in finished)
+    retried = sum(1 for status in finished if status.attempt > 1)
+    log.info(
+        "all %d jobs finished: %s (%d after a retry)",
+        len(ids),
+        ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
+        retried,
+    )
 
 
 if __name__ == "__main__":

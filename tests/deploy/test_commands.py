@@ -233,7 +233,7 @@ def test_compose_producer_command_runs_to_completion_and_the_worker_drains_on_si
             timeout=150,
         )
         assert run.returncode == 0, run.stdout + run.stderr
-        assert "all jobs processed" in run.stdout + run.stderr
+        assert "all 20 jobs finished: 20 completed" in run.stdout + run.stderr
     finally:
         grace = parse_duration(services["worker"]["stop_grace_period"])
         code = worker.stop(timeout=grace)
