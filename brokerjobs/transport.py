@@ -181,6 +181,8 @@ class Connection:
             # global=False: per consumer, set before consuming (a global QoS breaks quorum queues).
             await underlay.basic_qos(prefetch_count=prefetch, global_=False)
         channel = Channel(raw, underlay, confirm_timeout=self._confirm_timeout)
+        # Pruned here: the worker's periodic queue probe opens a channel every few seconds.
+        self._channels = [c for c in self._channels if not c.is_closed]
         self._channels.append(channel)
         return channel
 
@@ -204,7 +206,10 @@ class Channel:
         self._raw = raw
         self._ch = cast(aiormq.Channel, underlay)
         self._confirm_timeout = confirm_timeout
-        self.broken = False  # a confirm timed out: nothing more may be trusted to this channel
+        self._unconfirmed = 0  # publishes waiting for their confirm
+        self._progress_at = 0.0  # loop time of the last settled publish (or the first pending)
+        self._watchdog: asyncio.Future[None] | None = None
+        self.broken = False  # confirms stopped coming: nothing more may be trusted to this channel
         self.consumer_cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
 
@@ -221,6 +226,8 @@ class Channel:
         return self.broken or bool(self._ch.is_closed)
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         with contextlib.suppress(*CONNECTION_ERRORS):
             await asyncio.wait_for(self._raw.close(), CLOSE_TIMEOUT_S)
 
@@ -270,6 +277,12 @@ class Channel:
 
     async def _send(self, message: OutgoingMessage, exchange: str, routing_key: str) -> Any:
         properties = _properties(message)
+        loop = asyncio.get_running_loop()
+        if not self._unconfirmed:
+            self._progress_at = loop.time()
+        self._unconfirmed += 1
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch_confirms())
         try:
             return await self._ch.basic_publish(
                 message.body,
@@ -278,7 +291,6 @@ class Channel:
                 properties=properties,
                 mandatory=True,
                 wait=False,
-                timeout=self._confirm_timeout,
             )
         except amqp_errors.DeliveryError as exc:
             raise PublishNacked(
@@ -288,32 +300,73 @@ class Channel:
         except asyncio.CancelledError:
             if not self._ch.is_closed:
                 raise
-            raise self._lost(message) from None
-        except TimeoutError:  # before CONNECTION_ERRORS: TimeoutError is an OSError
-            self._give_up(f"no confirm within {self._confirm_timeout:g}s")
-            raise PublishInterrupted(
-                f"the broker did not confirm job {message.message_id} within "
-                f"{self._confirm_timeout:g}s (BROKERJOBS_CONFIRM_TIMEOUT); it may or may not be "
-                "stored, publish it again"
-            ) from None
+            raise self._interrupted(message) from None
         except CONNECTION_ERRORS:
-            raise self._lost(message) from None
+            raise self._interrupted(message) from None
+        finally:
+            self._unconfirmed -= 1
+            self._progress_at = loop.time()
+
+    async def _watch_confirms(self) -> None:
+        """Drop the channel when confirms stop coming (a wedged queue, a broker bug): publishes
+        are waiting and none was settled for ``confirm_timeout``, and the broker is not
+        blocking the connection (a resource alarm, when waiting is the right thing to do).
+
+        Measured as progress of the channel, not per message, so a long batch is never cut.
+        """
+        loop = asyncio.get_running_loop()
+        was_blocked = False
+        try:
+            while self._unconfirmed and not self.is_closed:
+                idle = loop.time() - self._progress_at
+                if idle < self._confirm_timeout:
+                    await asyncio.sleep(self._confirm_timeout - idle)
+                    continue
+                blocked = await self._blocked()
+                if blocked or was_blocked:  # blocked, or unblocked since: a full timeout again
+                    self._progress_at = loop.time()
+                else:
+                    self._give_up(f"no publisher confirm for {idle:.1f}s")
+                was_blocked = blocked
+        finally:
+            self._watchdog = None
+
+    async def _blocked(self) -> bool:
+        """Whether the broker holds the connection blocked (connection.blocked) or it is gone:
+        aiormq's ``ready()`` then waits, and a zero timeout fires only if it would wait."""
+        try:
+            async with asyncio.timeout(0):
+                await self._ch.connection.ready()
+        except TimeoutError:
+            return True
+        return False
 
     def _give_up(self, why: str) -> None:
-        """Stop trusting this channel: callers see it closed and open a new one."""
+        """Stop trusting this channel: fail its unconfirmed publishes (they are published again,
+        with the same ids) and close it; callers see it closed and open a new one."""
         if self.broken:
             return
         self.broken = True
         log.warning("dropping AMQP channel %s: %s", self._ch.number, why)
-        # Closing fails every other unconfirmed publish on it, so they are republished too.
+        failure = amqp_errors.ChannelInvalidStateError(why)
+        # aiormq's pending confirms, failed here rather than by the close: a wedged broker may
+        # never answer channel.close.
+        for confirmation in list(self._ch.confirmations.values()):
+            if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+                confirmation.set_exception(failure)
         close = asyncio.ensure_future(self.close())
         _background.add(close)
         close.add_done_callback(_background.discard)
 
-    @staticmethod
-    def _lost(message: OutgoingMessage) -> PublishInterrupted:
+    def _interrupted(self, message: OutgoingMessage) -> PublishInterrupted:
+        cause = (
+            f"the broker sent no confirm for {self._confirm_timeout:g}s "
+            "(BROKERJOBS_CONFIRM_TIMEOUT)"
+            if self.broken
+            else "the connection was lost"
+        )
         return PublishInterrupted(
-            f"connection lost before job {message.message_id} was confirmed; "
+            f"{cause} before job {message.message_id} was confirmed; "
             "it may or may not be stored, publish it again"
         )
 

@@ -577,6 +577,32 @@ async def test_publish_whose_confirm_never_comes_is_republished_on_a_new_connect
     assert [d.message_id for d in stored] == [job_id, job_id, second_id]
 
 
+async def test_a_blocked_connection_waits_for_the_broker_instead_of_dropping_the_channel(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Under a resource alarm the broker blocks publishers (connection.blocked) and confirms
+    stop: that is backpressure, not a wedged channel. The publish waits past confirm_timeout,
+    on the same connection, and completes once the broker unblocks, stored once."""
+    app = await fault_topology(broker, unique("blocked"), tmp_path / "records")
+    queue = queue_name(app.name)
+
+    async with proxy_to_broker() as proxy:
+        settings = proxied_settings(proxy, confirm_timeout=0.5)
+        async with Publisher(settings, exchange=app.exchange) as publisher:
+            proxy.block()
+            publishing = asyncio.ensure_future(publisher.publish(FaultJob(n=1)))
+            with pytest.raises(TimeoutError):  # still waiting after 4 confirm timeouts
+                await asyncio.wait_for(asyncio.shield(publishing), 2.0)
+            proxy.unblock()
+            job_id = await asyncio.wait_for(publishing, 10)
+        connections = proxy.accepted
+
+    stored = await broker.drain(queue)
+    report("blocked", connections=connections, stored=len(stored))
+    assert connections == 1, "a blocked connection must not be replaced"
+    assert [d.message_id for d in stored] == [job_id]
+
+
 async def test_worker_whose_retry_confirm_never_comes_opens_a_new_session(
     broker: Broker,
 ) -> None:

@@ -10,6 +10,8 @@
 ...                                 # channel.open a client sends: a loss in the middle of an RPC
 ...     proxy.swallow(BASIC_ACK, sender="server")  # drop the next confirm, keep the connection:
 ...                                                # a broker that never answers
+...     proxy.block()    # what a broker resource alarm does: connection.blocked to the client,
+...     proxy.unblock()  # the client's frames held back until connection.unblocked
 
 The proxy reads the AMQP 0-9-1 frames it forwards (type, channel, size, payload, frame-end) only to
 recognise methods for ``cut_on``; it forwards every byte unchanged.
@@ -48,10 +50,26 @@ BASIC_QOS_OK: Method = (60, 11)
 BASIC_CONSUME_OK: Method = (60, 21)
 CONFIRM_SELECT_OK: Method = (85, 11)
 BASIC_ACK: Method = (60, 80)  # a publisher confirm (the client acks deliveries with it too)
+CONNECTION_BLOCKED: Method = (10, 60)
+CONNECTION_UNBLOCKED: Method = (10, 61)
 
 _PROTOCOL_HEADER = 8  # b"AMQP\x00\x00\x09\x01", sent by the client before its first frame
 _FRAME_HEADER = 7  # type (1), channel (2), payload size (4); then payload and frame-end (1)
 _FRAME_METHOD = 1
+_FRAME_HEARTBEAT = 8
+_FRAME_END = b"\xce"
+
+
+def method_frame(method: Method, arguments: bytes = b"", channel: int = 0) -> bytes:
+    """One AMQP method frame, e.g. ``method_frame(CONNECTION_BLOCKED, shortstr("alarm"))``."""
+    payload = method[0].to_bytes(2, "big") + method[1].to_bytes(2, "big") + arguments
+    header = bytes([_FRAME_METHOD]) + channel.to_bytes(2, "big") + len(payload).to_bytes(4, "big")
+    return header + payload + _FRAME_END
+
+
+def shortstr(text: str) -> bytes:
+    data = text.encode()
+    return bytes([len(data)]) + data
 
 
 @dataclass
@@ -70,6 +88,7 @@ class _Link:
         self.client = client
         self.upstream = upstream
         self.pumps: list[asyncio.Task[None]] = []
+        self.held: list[bytes] | None = None  # the client's frames while blocked
 
     def abort(self) -> None:
         for pump in self.pumps:
@@ -158,6 +177,21 @@ class TcpProxy:
     def swallow(self, method: Method, *, sender: Sender = "server", times: int = 1) -> None:
         """Drop the next ``times`` ``method`` frames ``sender`` sends; the connection stays up."""
         self._triggers.append(_Trigger(sender, method, forward=False, times=times, swallow=True))
+
+    def block(self, reason: str = "memory alarm (test)") -> None:
+        """Act as a broker under a resource alarm: send connection.blocked to every client and
+        hold back what they send (nothing reaches the broker) until ``unblock()``."""
+        for link in self._links:
+            link.held = []
+            link.client.write(method_frame(CONNECTION_BLOCKED, shortstr(reason)))
+
+    def unblock(self) -> None:
+        """Forward the held frames in order, then send connection.unblocked."""
+        for link in self._links:
+            for frame in link.held or ():
+                link.upstream.write(frame)
+            link.held = None
+            link.client.write(method_frame(CONNECTION_UNBLOCKED))
 
     @property
     def armed(self) -> int:
@@ -259,5 +293,8 @@ class TcpProxy:
                 if trigger is not None:
                     self._abort(link)
                     return
+                if sender == "client" and link.held is not None and header[0] != _FRAME_HEARTBEAT:
+                    link.held.append(frame)  # a blocked broker does not read; heartbeats pass
+                    continue
                 writer.write(frame)
                 await writer.drain()
