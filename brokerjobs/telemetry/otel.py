@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -73,16 +74,10 @@ class OtelTelemetry:
         self.enabled = self.tracing or self.metering
         self._tracer = tracer_provider.get_tracer("brokerjobs")
         meter = meter_provider.get_meter("brokerjobs")
-        # The two per-message counters are tallied in plain dicts and observed at collection:
-        # a Counter.add per message cost as much as the rest of a delivery's metrics.
-        self._sent: Counter[tuple[str, str, str | None]] = Counter()
-        self._consumed: Counter[tuple[str, str, str | None]] = Counter()
-        meter.create_observable_counter(
-            "messaging.client.sent.messages", [self._observe_sent], "{message}"
-        )
-        meter.create_observable_counter(
-            "messaging.client.consumed.messages", [self._observe_consumed], "{message}"
-        )
+        tallies = _tallies_for(meter_provider, meter)
+        self._sent = tallies.sent
+        self._consumed = tallies.consumed
+        self._depths = tallies.depths
         self._process_duration = meter.create_histogram("messaging.process.duration", "s")
         self._operation_duration = meter.create_histogram(
             "messaging.client.operation.duration", "s"
@@ -90,11 +85,6 @@ class OtelTelemetry:
         self._retried = meter.create_counter("brokerjobs.jobs.retried", "{job}")
         self._parked = meter.create_counter("brokerjobs.jobs.parked", "{job}")
         self._replayed = meter.create_counter("brokerjobs.jobs.replayed", "{job}")
-        self._depths: dict[tuple[str, str], tuple[int, int]] = {}
-        meter.create_observable_gauge("brokerjobs.queue.depth", [self._observe_depth], "{message}")
-        meter.create_observable_gauge(
-            "brokerjobs.queue.consumers", [self._observe_consumers], "{consumer}"
-        )
 
     # -- sending (publish, retry, park, replay) ----------------------------------------------
 
@@ -186,19 +176,54 @@ class OtelTelemetry:
     def record_queue(self, queue: str, role: str, messages: int, consumers: int) -> None:
         self._depths[(queue, role)] = (messages, consumers)
 
+
+class _Tallies:
+    """What the observable instruments report, shared by every ``OtelTelemetry`` on one meter
+    provider: OpenTelemetry keeps the first instrument registered under a name, with its
+    callbacks, and ignores the callbacks of later registrations.
+
+    The two per-message counters are tallied here and observed at collection: a Counter.add
+    per message cost as much as the rest of a delivery's metrics.
+    """
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.sent: Counter[tuple[str, str, str | None]] = Counter()
+        self.consumed: Counter[tuple[str, str, str | None]] = Counter()
+        self.depths: dict[tuple[str, str], tuple[int, int]] = {}
+        meter.create_observable_counter(
+            "messaging.client.sent.messages", [self._observe_sent], "{message}"
+        )
+        meter.create_observable_counter(
+            "messaging.client.consumed.messages", [self._observe_consumed], "{message}"
+        )
+        meter.create_observable_gauge("brokerjobs.queue.depth", [self._observe_depth], "{message}")
+        meter.create_observable_gauge(
+            "brokerjobs.queue.consumers", [self._observe_consumers], "{consumer}"
+        )
+
     def _observe_sent(self, options: CallbackOptions) -> list[Observation]:
-        return [Observation(n, _sent_attributes(*key)) for key, n in list(self._sent.items())]
+        return [Observation(n, _sent_attributes(*key)) for key, n in list(self.sent.items())]
 
     def _observe_consumed(self, options: CallbackOptions) -> list[Observation]:
         return [
-            Observation(n, _consumed_attributes(*key)) for key, n in list(self._consumed.items())
+            Observation(n, _consumed_attributes(*key)) for key, n in list(self.consumed.items())
         ]
 
     def _observe_depth(self, options: CallbackOptions) -> list[Observation]:
-        return [Observation(m, {A_QUEUE: q, A_ROLE: r}) for (q, r), (m, _) in self._depths.items()]
+        return [Observation(m, {A_QUEUE: q, A_ROLE: r}) for (q, r), (m, _) in self.depths.items()]
 
     def _observe_consumers(self, options: CallbackOptions) -> list[Observation]:
-        return [Observation(c, {A_QUEUE: q, A_ROLE: r}) for (q, r), (_, c) in self._depths.items()]
+        return [Observation(c, {A_QUEUE: q, A_ROLE: r}) for (q, r), (_, c) in self.depths.items()]
+
+
+_TALLIES: weakref.WeakKeyDictionary[MeterProvider, _Tallies] = weakref.WeakKeyDictionary()
+
+
+def _tallies_for(provider: MeterProvider, meter: metrics.Meter) -> _Tallies:
+    tallies = _TALLIES.get(provider)
+    if tallies is None:
+        tallies = _TALLIES[provider] = _Tallies(meter)
+    return tallies
 
 
 class SpanProcessing(Processing):
