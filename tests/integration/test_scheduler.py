@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from brokerjobs import App, job
 from brokerjobs.envelope import Delivery
 from brokerjobs.errors import PublishInterrupted
+from brokerjobs.schedule import merge_state
 from brokerjobs.scheduler import (
     SCHEDULE,
     SCHEDULED_FOR,
@@ -195,12 +196,20 @@ async def test_missed_ticks_after_downtime_follow_each_catch_up_rule(broker: Bro
 
 
 async def _peek_state(broker: Broker, queue: str) -> dict[str, datetime]:
-    """The state in the (only) token, which goes back to the queue."""
+    """What the next leader would know: every token merged. All go back to the queue.
+
+    A stopping leader may leave older tokens of its own unacked (they came back after its last
+    persist); closing requeues them ahead of the newest one, and the next leader merges them.
+    """
     channel = await broker.fresh_channel()
-    token = await channel.get(queue)
-    assert token is not None, "no token in the scheduler queue"
-    await channel.nack(token.delivery_tag, requeue=True)
-    return decode_state(token.body)
+    state: dict[str, datetime] = {}
+    try:
+        while (token := await channel.get(queue)) is not None:
+            merge_state(state, decode_state(token.body))
+    finally:
+        await channel.close()  # requeues every token it got
+    assert state, "no token in the scheduler queue"
+    return state
 
 
 @pytest.mark.slow
