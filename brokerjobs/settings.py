@@ -57,8 +57,9 @@ class Settings(BaseModel):
     sync_workers: Annotated[int, Field(ge=1, le=1024)] = 8
     broker_consumer_timeout: PositiveSeconds = BROKER_CONSUMER_TIMEOUT_DEFAULT_S
     publish_window: Annotated[int, Field(ge=1, le=100_000)] = 1000
-    # A confirm that never comes (a wedged queue, a broker bug) must not hang a publish forever:
-    # after this the channel is dropped and the job counts as "may or may not be stored".
+    # Confirms that stop coming (a wedged queue, a broker bug) must not hang publishes forever:
+    # after this long without any while publishes wait (a blocked connection excepted), the
+    # channel is dropped and its jobs count as "may or may not be stored".
     confirm_timeout: PositiveSeconds = 15.0
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
