@@ -191,6 +191,8 @@ class Connection:
         with contextlib.suppress(*CONNECTION_ERRORS):
             await asyncio.wait_for(self._raw.close(), CLOSE_TIMEOUT_S)
         self._on_close(None)
+        for channel in self._channels:
+            channel.abandon_waiting()
 
 
 class Channel:
@@ -209,6 +211,7 @@ class Channel:
         self._unconfirmed = 0  # publishes waiting for their confirm
         self._progress_at = 0.0  # loop time of the last settled publish (or the first pending)
         self._watchdog: asyncio.Future[None] | None = None
+        self._scopes: set[asyncio.Timeout] = set()  # one per waiting publish
         self.broken = False  # confirms stopped coming: nothing more may be trusted to this channel
         self.consumer_cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
@@ -226,10 +229,19 @@ class Channel:
         return self.broken or bool(self._ch.is_closed)
 
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
         with contextlib.suppress(*CONNECTION_ERRORS):
             await asyncio.wait_for(self._raw.close(), CLOSE_TIMEOUT_S)
+        self.abandon_waiting()
+
+    def abandon_waiting(self) -> None:
+        """End every publish still waiting on this (closed) channel with PublishInterrupted.
+
+        aiormq fails pending confirms when a channel closes, but not a publish stuck behind a
+        dead connection's full write queue: that one would wait forever.
+        """
+        now = asyncio.get_running_loop().time()
+        for scope in list(self._scopes):
+            scope.reschedule(now)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -283,15 +295,19 @@ class Channel:
         self._unconfirmed += 1
         if self._watchdog is None:
             self._watchdog = asyncio.ensure_future(self._watch_confirms())
+        # No deadline of its own: the watchdog expires every open scope when it gives up.
+        scope = asyncio.timeout(None)
+        self._scopes.add(scope)
         try:
-            return await self._ch.basic_publish(
-                message.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-                wait=False,
-            )
+            async with scope:
+                return await self._ch.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    wait=False,
+                )
         except amqp_errors.DeliveryError as exc:
             raise PublishNacked(
                 f"the broker nacked job {message.message_id} to {exchange!r}/{routing_key!r}: "
@@ -301,23 +317,33 @@ class Channel:
             if not self._ch.is_closed:
                 raise
             raise self._interrupted(message) from None
+        except TimeoutError:  # the watchdog gave up (before CONNECTION_ERRORS: an OSError)
+            raise self._interrupted(message) from None
         except CONNECTION_ERRORS:
             raise self._interrupted(message) from None
+        except Exception:
+            # aiormq fails pending publishes with the close reason, a bare Exception() when its
+            # writer died: any error once the channel or connection is closed is an interruption.
+            if self._ch.is_closed or self._ch.connection.is_closed:
+                raise self._interrupted(message) from None
+            raise
         finally:
+            self._scopes.discard(scope)
             self._unconfirmed -= 1
             self._progress_at = loop.time()
 
     async def _watch_confirms(self) -> None:
-        """Drop the channel when confirms stop coming (a wedged queue, a broker bug): publishes
-        are waiting and none was settled for ``confirm_timeout``, and the broker is not
-        blocking the connection (a resource alarm, when waiting is the right thing to do).
+        """Drop the channel when publishes stop making progress: some are waiting and none was
+        settled for ``confirm_timeout``, unless the broker is blocking a live connection (a
+        resource alarm, when waiting is right). Covers a wedged queue or broker bug that never
+        confirms, and aiormq publishes stuck behind a dead connection's full write queue.
 
         Measured as progress of the channel, not per message, so a long batch is never cut.
         """
         loop = asyncio.get_running_loop()
         was_blocked = False
         try:
-            while self._unconfirmed and not self.is_closed:
+            while self._unconfirmed and not self.broken:
                 idle = loop.time() - self._progress_at
                 if idle < self._confirm_timeout:
                     await asyncio.sleep(self._confirm_timeout - idle)
@@ -332,8 +358,10 @@ class Channel:
             self._watchdog = None
 
     async def _blocked(self) -> bool:
-        """Whether the broker holds the connection blocked (connection.blocked) or it is gone:
-        aiormq's ``ready()`` then waits, and a zero timeout fires only if it would wait."""
+        """Whether the broker holds this live connection blocked (connection.blocked): aiormq's
+        ``ready()`` then waits, and a zero timeout fires only if it would wait."""
+        if self._ch.is_closed or self._ch.connection.is_closed:
+            return False
         try:
             async with asyncio.timeout(0):
                 await self._ch.connection.ready()
@@ -342,18 +370,13 @@ class Channel:
         return False
 
     def _give_up(self, why: str) -> None:
-        """Stop trusting this channel: fail its unconfirmed publishes (they are published again,
-        with the same ids) and close it; callers see it closed and open a new one."""
+        """Stop trusting this channel: end its waiting publishes with PublishInterrupted (they
+        are published again, with the same ids) and close it; callers then open a new one."""
         if self.broken:
             return
         self.broken = True
         log.warning("dropping AMQP channel %s: %s", self._ch.number, why)
-        failure = amqp_errors.ChannelInvalidStateError(why)
-        # aiormq's pending confirms, failed here rather than by the close: a wedged broker may
-        # never answer channel.close.
-        for confirmation in list(self._ch.confirmations.values()):
-            if isinstance(confirmation, asyncio.Future) and not confirmation.done():
-                confirmation.set_exception(failure)
+        self.abandon_waiting()
         close = asyncio.ensure_future(self.close())
         _background.add(close)
         close.add_done_callback(_background.discard)

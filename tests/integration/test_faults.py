@@ -603,6 +603,34 @@ async def test_a_blocked_connection_waits_for_the_broker_instead_of_dropping_the
     assert [d.message_id for d in stored] == [job_id]
 
 
+async def test_publishes_stuck_behind_a_dead_writer_are_sent_again(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """aiormq's writer task dies under a publisher (fault injection): aiormq closes the
+    connection and fails the waiting publishes with its close reason, a bare Exception(). They
+    must come out as PublishInterrupted and be published again, with the same ids, on a new
+    connection, not escape as an unexpected error."""
+    app = await fault_topology(broker, unique("deadwriter"), tmp_path / "records")
+    queue = queue_name(app.name)
+
+    async with proxy_to_broker() as proxy:
+        settings = proxied_settings(proxy, confirm_timeout=1.0)
+        async with Publisher(settings, exchange=app.exchange) as publisher:
+            connection = publisher._connection
+            assert connection is not None
+            writer = connection._raw.transport.connection._writer_task  # type: ignore[attr-defined]
+            writer.cancel()  # fault injection: aiormq's writer dies, the connection stays
+            ids = await asyncio.wait_for(
+                publisher.publish_many(FaultJob(n=n) for n in range(100)), 30
+            )
+        connections = proxy.accepted
+
+    stored = [d.message_id for d in await broker.drain(queue)]
+    report("dead-writer", connections=connections, stored=len(stored))
+    assert connections == 2, "the connection with the dead writer must be replaced"
+    assert sorted(stored) == sorted(ids)  # nothing reached the broker before: no duplicate
+
+
 async def test_worker_whose_retry_confirm_never_comes_opens_a_new_session(
     broker: Broker,
 ) -> None:
