@@ -200,6 +200,11 @@ async def finish_worker(worker: Worker, task: asyncio.Task[None]) -> None:
         await asyncio.wait_for(task, 30)
 
 
+def _dropped_channels(caplog: pytest.LogCaptureFixture) -> int:
+    """Channels the confirm watchdog gave up on (publishes stuck after a node loss)."""
+    return sum("dropping AMQP channel" in record.getMessage() for record in caplog.records)
+
+
 async def queue_depths(url: str, names: list[str]) -> dict[str, int]:
     connection = await connect(settings(url, connect_timeout=5.0), "cluster-test-inspect")
     try:
@@ -210,7 +215,7 @@ async def queue_depths(url: str, names: list[str]) -> dict[str, int]:
 
 
 async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_killed(
-    cluster: RabbitCluster,
+    cluster: RabbitCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     started = time.monotonic()
     a, b, c = cluster.nodes
@@ -326,7 +331,7 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
     report = (
         f"confirmed={len(tally.confirmed)} processed={len(tally.processed)} lost={len(lost)} "
         f"duplicates={tally.duplicates} stuck={len(stuck)} stranded_in_dlx={stranded} "
-        f"held_until_heal={held_before_heal} "
+        f"held_until_heal={held_before_heal} channels_dropped={_dropped_channels(caplog)} "
         f"attempts={dict(sorted(tally.attempts.items()))} "
         f"worker_reconnects={reconnects} publish_errors_retried={tally.publish_errors} "
         f"worker_connections={worker_proxy.connections} "
