@@ -61,6 +61,7 @@ class Publisher:
         self._channel: Channel | None = None
         self._given_channel = channel
         self._lock = asyncio.Lock()
+        self._closed = False  # close() was called: interrupted publishes must not reconnect
 
     @classmethod
     def for_app(cls, app: App, settings: Settings | None = None) -> Publisher:
@@ -68,6 +69,7 @@ class Publisher:
         return cls(settings, exchange=app.exchange, delay_levels=app.delay_levels)
 
     async def __aenter__(self) -> Self:
+        self._closed = False
         await self._ready_channel()
         return self
 
@@ -80,6 +82,7 @@ class Publisher:
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         if self._connection is not None:
             await self._connection.close()
         self._connection = self._channel = None
@@ -172,6 +175,8 @@ class Publisher:
     async def _ready_channel(self) -> MessageChannel:
         if self._given_channel is not None:
             return self._given_channel
+        if self._closed:
+            raise PublishError("the publisher is closed; jobs still unconfirmed were not retried")
         channel = self._channel
         if channel is not None and not channel.is_closed:
             return channel

@@ -53,6 +53,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 CLOSE_TIMEOUT_S = 5.0
+STALL_GRACE_S = 0.5
 _background: set[asyncio.Future[None]] = set()  # strong references to fire-and-forget closes
 
 
@@ -241,7 +242,8 @@ class Channel:
         """
         now = asyncio.get_running_loop().time()
         for scope in list(self._scopes):
-            scope.reschedule(now)
+            if not scope.expired():  # an expiring one would raise RuntimeError
+                scope.reschedule(now)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -288,7 +290,8 @@ class Channel:
         return failed
 
     async def _send(self, message: OutgoingMessage, exchange: str, routing_key: str) -> Any:
-        properties = _properties(message)
+        if self.broken:  # given up: nothing sent on it could be trusted, nor watched
+            raise self._interrupted(message)
         loop = asyncio.get_running_loop()
         if not self._unconfirmed:
             self._progress_at = loop.time()
@@ -299,12 +302,23 @@ class Channel:
         scope = asyncio.timeout(None)
         self._scopes.add(scope)
         try:
+            return await self._publish_within(scope, message, exchange, routing_key)
+        finally:
+            self._scopes.discard(scope)
+            self._unconfirmed -= 1
+            self._progress_at = loop.time()
+
+    async def _publish_within(
+        self, scope: asyncio.Timeout, message: OutgoingMessage, exchange: str, routing_key: str
+    ) -> Any:
+        """aiormq's publish and confirm; every way it can fail mapped to our errors."""
+        try:
             async with scope:
                 return await self._ch.basic_publish(
                     message.body,
                     exchange=exchange,
                     routing_key=routing_key,
-                    properties=properties,
+                    properties=_properties(message),
                     mandatory=True,
                     wait=False,
                 )
@@ -314,8 +328,9 @@ class Channel:
                 f"{exc}; it is not stored, publish it again"
             ) from None
         except asyncio.CancelledError:
-            if not self._ch.is_closed:
-                raise
+            task = asyncio.current_task()
+            if not self._ch.is_closed or (task is not None and task.cancelling()):
+                raise  # our caller was cancelled: not ours to turn into an error
             raise self._interrupted(message) from None
         except TimeoutError:  # the watchdog gave up (before CONNECTION_ERRORS: an OSError)
             raise self._interrupted(message) from None
@@ -327,10 +342,6 @@ class Channel:
             if self._ch.is_closed or self._ch.connection.is_closed:
                 raise self._interrupted(message) from None
             raise
-        finally:
-            self._scopes.discard(scope)
-            self._unconfirmed -= 1
-            self._progress_at = loop.time()
 
     async def _watch_confirms(self) -> None:
         """Drop the channel when publishes stop making progress: some are waiting and none was
@@ -352,7 +363,12 @@ class Channel:
                 if blocked or was_blocked:  # blocked, or unblocked since: a full timeout again
                     self._progress_at = loop.time()
                 else:
-                    self._give_up(f"no publisher confirm for {idle:.1f}s")
+                    # After a stalled event loop, confirms may be waiting unread in the socket:
+                    # let the reader run before judging.
+                    await asyncio.sleep(min(STALL_GRACE_S, self._confirm_timeout / 10))
+                    idle = loop.time() - self._progress_at
+                    if self._unconfirmed and not self.broken and idle >= self._confirm_timeout:
+                        self._give_up(f"no publisher confirm for {idle:.1f}s")
                 was_blocked = blocked
         finally:
             self._watchdog = None
