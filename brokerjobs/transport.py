@@ -209,10 +209,9 @@ class Channel:
         self._raw = raw
         self._ch = cast(aiormq.Channel, underlay)
         self._confirm_timeout = confirm_timeout
-        self._unconfirmed = 0  # publishes waiting for their confirm
         self._progress_at = 0.0  # loop time of the last settled publish (or the first pending)
         self._watchdog: asyncio.Future[None] | None = None
-        self._scopes: set[asyncio.Timeout] = set()  # one per waiting publish
+        self._scopes: set[asyncio.Timeout] = set()  # one per publish waiting for its confirm
         self.broken = False  # confirms stopped coming: nothing more may be trusted to this channel
         self.consumer_cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
@@ -233,6 +232,11 @@ class Channel:
         with contextlib.suppress(*CONNECTION_ERRORS):
             await asyncio.wait_for(self._raw.close(), CLOSE_TIMEOUT_S)
         self.abandon_waiting()
+
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes waiting for their confirm."""
+        return len(self._scopes)
 
     def abandon_waiting(self) -> None:
         """End every publish still waiting on this (closed) channel with PublishInterrupted.
@@ -293,19 +297,17 @@ class Channel:
         if self.broken:  # given up: nothing sent on it could be trusted, nor watched
             raise self._interrupted(message)
         loop = asyncio.get_running_loop()
-        if not self._unconfirmed:
+        if not self._scopes:
             self._progress_at = loop.time()
-        self._unconfirmed += 1
-        if self._watchdog is None:
-            self._watchdog = asyncio.ensure_future(self._watch_confirms())
         # No deadline of its own: the watchdog expires every open scope when it gives up.
         scope = asyncio.timeout(None)
         self._scopes.add(scope)
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch_confirms())
         try:
             return await self._publish_within(scope, message, exchange, routing_key)
         finally:
             self._scopes.discard(scope)
-            self._unconfirmed -= 1
             self._progress_at = loop.time()
 
     async def _publish_within(
@@ -354,7 +356,7 @@ class Channel:
         loop = asyncio.get_running_loop()
         was_blocked = False
         try:
-            while self._unconfirmed and not self.broken:
+            while self._scopes and not self.broken:
                 idle = loop.time() - self._progress_at
                 if idle < self._confirm_timeout:
                     await asyncio.sleep(self._confirm_timeout - idle)
@@ -367,7 +369,7 @@ class Channel:
                     # let the reader run before judging.
                     await asyncio.sleep(min(STALL_GRACE_S, self._confirm_timeout / 10))
                     idle = loop.time() - self._progress_at
-                    if self._unconfirmed and not self.broken and idle >= self._confirm_timeout:
+                    if self._scopes and not self.broken and idle >= self._confirm_timeout:
                         self._give_up(f"no publisher confirm for {idle:.1f}s")
                 was_blocked = blocked
         finally:

@@ -645,7 +645,7 @@ async def test_a_stalled_event_loop_is_not_mistaken_for_missing_confirms() -> No
         publishing = asyncio.ensure_future(channel.publish_many(messages, 1000))
         for _ in range(5):  # the publishes go out; their confirms are pending
             await asyncio.sleep(0)
-        assert channel._unconfirmed > 0
+        assert channel.unconfirmed > 0
         time.sleep(1.3)  # noqa: ASYNC251 - fault injection: blocking code stalls the loop
         failed = await asyncio.wait_for(publishing, 10)
         stored = (await channel.inspect_queue(queue)).messages
