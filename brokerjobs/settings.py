@@ -156,17 +156,16 @@ def _split_urls(value: str) -> list[str]:
 def unknown_variables(environ: Mapping[str, str]) -> dict[str, str]:
     """``BROKERJOBS_*`` variables that are no setting (a typo is otherwise silently ignored),
     each with why: ``{name: "is not a brokerjobs setting ...; did you mean ...?"}``."""
-    settings = sorted(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+    # Compared without the shared prefix, which would make every name look close.
+    settings = [name.upper() for name in Settings.model_fields]
     problems = {}
     for name in sorted(environ):
-        if name.startswith(ENV_PREFIX) and name not in settings:
-            if name in DEVELOPMENT_VARIABLES:
-                continue
-            # Compared without the shared prefix, which would make every name look close.
-            suffixes = [known.removeprefix(ENV_PREFIX) for known in settings]
-            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
-            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
-            problems[name] = f"is not a brokerjobs setting and is ignored{hint}"
+        suffix = name.removeprefix(ENV_PREFIX)
+        if suffix == name or suffix in settings or name in DEVELOPMENT_VARIABLES:
+            continue
+        close = difflib.get_close_matches(suffix, settings, n=1)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        problems[name] = f"is not a brokerjobs setting and is ignored{hint}"
     return problems
 
 

@@ -131,7 +131,7 @@ class OtelTelemetry:
             finally:
                 self._sent[(destination, operation, error)] += 1
                 self._operation_duration.record(
-                    time.perf_counter() - started, _sent_attributes(destination, operation, error)
+                    time.perf_counter() - started, _metric_attributes(destination, operation, error)
                 )
         if operation == "replay" and error is None:
             self._replayed.add(1, {A_JOB: attributes[A_JOB]})
@@ -164,9 +164,9 @@ class OtelTelemetry:
     def record_processed(
         self, record: SpanProcessing, job: str, queue: str, duration: float
     ) -> None:
-        key = (queue, record.outcome, record.error_type)
-        self._consumed[key] += 1
-        self._process_duration.record(duration, _duration_attributes(queue, record.error_type))
+        self._consumed[(queue, record.outcome, record.error_type)] += 1
+        attributes = _metric_attributes(queue, "process", record.error_type)
+        self._process_duration.record(duration, attributes)
         if record.outcome in ("retry", "park"):
             counter = self._retried if record.outcome == "retry" else self._parked
             counter.add(1, {A_JOB: job, A_QUEUE: queue})
@@ -202,11 +202,12 @@ class _Tallies:
         )
 
     def _observe_sent(self, options: CallbackOptions) -> list[Observation]:
-        return [Observation(n, _sent_attributes(*key)) for key, n in list(self.sent.items())]
+        return [Observation(n, _metric_attributes(*key)) for key, n in list(self.sent.items())]
 
     def _observe_consumed(self, options: CallbackOptions) -> list[Observation]:
         return [
-            Observation(n, _consumed_attributes(*key)) for key, n in list(self.consumed.items())
+            Observation(n, _metric_attributes(queue, "process", error, outcome))
+            for (queue, outcome, error), n in list(self.consumed.items())
         ]
 
     def _observe_depth(self, options: CallbackOptions) -> list[Observation]:
@@ -272,28 +273,14 @@ class SpanProcessing(Processing):
             self._span.set_status(Status(StatusCode.ERROR, error_type))
 
 
-def _sent_attributes(destination: str, operation: str, error: str | None) -> dict[str, Any]:
+def _metric_attributes(
+    destination: str, operation: str, error: str | None, outcome: str | None = None
+) -> dict[str, Any]:
+    """A metric point's attributes: the convention's, plus the outcome where one is given (each
+    attribute costs on every delivery, so the duration histogram goes without)."""
     attributes = {A_SYSTEM: SYSTEM, A_DESTINATION: destination, A_OPERATION_NAME: operation}
-    if error:
-        attributes[A_ERROR_TYPE] = error
-    return attributes
-
-
-def _duration_attributes(queue: str, error: str | None) -> dict[str, Any]:
-    """The process-duration histogram's attributes: the convention's, no outcome (each costs)."""
-    attributes = {A_SYSTEM: SYSTEM, A_DESTINATION: queue, A_OPERATION_NAME: "process"}
-    if error:
-        attributes[A_ERROR_TYPE] = error
-    return attributes
-
-
-def _consumed_attributes(queue: str, outcome: str, error: str | None) -> dict[str, Any]:
-    attributes = {
-        A_SYSTEM: SYSTEM,
-        A_DESTINATION: queue,
-        A_OPERATION_NAME: "process",
-        A_OUTCOME: outcome,
-    }
+    if outcome is not None:
+        attributes[A_OUTCOME] = outcome
     if error:
         attributes[A_ERROR_TYPE] = error
     return attributes
