@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +17,11 @@ from brokerjobs.app import App, HandlerSpec
 from brokerjobs.context import JobContext, reset_current, set_current
 from brokerjobs.envelope import Decoded, Delivery, decode
 from brokerjobs.errors import PublishError
+from brokerjobs.executors import Executors, StillRunning
 from brokerjobs.jobs import JobSpec
 from brokerjobs.logs import log_event
 from brokerjobs.outcomes import PermanentFailure, RetryLater
-from brokerjobs.retry import NO_RETRY, Failure, FailureKind, Park
+from brokerjobs.retry import NO_RETRY, Failure, FailureKind, Park, clamp_attempt
 from brokerjobs.settings import Settings
 from brokerjobs.settlement import Settlement
 from brokerjobs.telemetry import Processing, Telemetry
@@ -33,29 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("brokerjobs.consumer")
 
-_SIGNALS = (RetryLater, PermanentFailure)
-
-
-class Executors:
-    """Where sync handlers run: a thread pool, and a process pool made on first use."""
-
-    def __init__(self, threads: Executor, processes: Executor | None = None) -> None:
-        self.threads = threads
-        self._processes = processes
-
-    def for_mode(self, mode: str) -> Executor:
-        if mode == "process":
-            if self._processes is None:
-                from concurrent.futures import ProcessPoolExecutor
-
-                self._processes = ProcessPoolExecutor()
-            return self._processes
-        return self.threads
-
-    def shutdown(self) -> None:
-        self.threads.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
+_SIGNALS = (RetryLater, PermanentFailure, StillRunning)
+UNEXPECTED_ERROR = "brokerjobs.unexpected"
+# Not the message's fault: the broker requeues or a new session settles it.
+_NOT_THE_MESSAGE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, PublishError)
 
 
 def build_consumer(
@@ -113,14 +93,22 @@ class QueueConsumer:
         self._settlement = settlement
         self._settings = settings
         self._executors = executors
-        self.inflight: set[asyncio.Task[Any]] = set()
+        # Each delivery's task and when it started: the worker's readiness watches for stuck ones.
+        self.inflight: dict[asyncio.Task[Any], float] = {}
         # Set when settling keeps failing: the worker then opens a new session.
         self.needs_new_session: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
+    def oldest_inflight_s(self) -> float:
+        """How long the oldest delivery in flight has been held (0 when none)."""
+        if not self.inflight:
+            return 0.0
+        return time.monotonic() - min(self.inflight.values())
+
     async def on_delivery(self, delivery: Delivery) -> None:
+        """The delivery boundary: every delivery ends acked, retried, parked or requeued."""
         task = asyncio.current_task()
         assert task is not None
-        self.inflight.add(task)
+        self.inflight[task] = time.monotonic()
         try:
             await self._process(delivery)
         except asyncio.CancelledError:
@@ -136,25 +124,64 @@ class QueueConsumer:
             log.warning(
                 "could not settle %s (%s): retried in a new session", delivery.message_id, exc
             )
-            if not self.needs_new_session.done():
-                self.needs_new_session.set_result(f"settling failed: {type(exc).__name__}")
+            self._ask_new_session(f"settling failed: {type(exc).__name__}")
         finally:
-            self.inflight.discard(task)
+            self.inflight.pop(task, None)
+
+    def _ask_new_session(self, why: str) -> None:
+        if not self.needs_new_session.done():
+            self.needs_new_session.set_result(why)
 
     async def _process(self, delivery: Delivery) -> None:
         with self._telemetry.processing(delivery, self.queue) as record:
+            settled = [False]
             try:
-                await self._decode_run_settle(delivery, record)
+                await self._decode_run_settle(delivery, record, settled)
             except asyncio.CancelledError:
                 record.settled("requeue")
                 raise
+            except _NOT_THE_MESSAGE:
+                raise
+            except Exception as exc:  # a bug in brokerjobs or in what the handler returned
+                record.settled("park", UNEXPECTED_ERROR)
+                await self._unexpected(delivery, exc, settled[0])
 
-    async def _decode_run_settle(self, delivery: Delivery, record: Processing) -> None:
+    async def _unexpected(self, delivery: Delivery, exc: Exception, settled: bool) -> None:
+        """Park a delivery that met an error nobody expected, instead of holding it forever."""
+        what = f"unexpected {type(exc).__name__} while handling the job: {exc}"[:1000]
+        if settled:  # the ack (or its copy) went out already: nothing left to hold
+            log.error("job %s: %s (after settling)", delivery.message_id, what, exc_info=exc)
+            return
+        log.error("job %s: %s; parking it", delivery.message_id, what, exc_info=exc)
+        failure = Failure(FailureKind.POISON, what, None, UNEXPECTED_ERROR, exc)
+        try:
+            await self._settlement.failed(delivery, NO_RETRY, failure)
+        except asyncio.CancelledError:
+            raise
+        except _NOT_THE_MESSAGE:
+            raise
+        except Exception as again:
+            # Even the parking copy fails (say, a header nothing can re-encode): reject it,
+            # and the main queue's dead-letter target (the parking queue) takes it as it is.
+            log.error("job %s: parking failed too (%r): rejecting it", delivery.message_id, again)
+            await self._settlement.reject(delivery)
+
+    async def _decode_run_settle(
+        self, delivery: Delivery, record: Processing, settled: list[bool]
+    ) -> None:
         started = time.monotonic()
-        decoded = decode(delivery, self._jobs, self._settings.max_body_bytes)
+        s = self._settings
+        decoded = decode(
+            delivery,
+            self._jobs,
+            s.max_body_bytes,
+            max_depth=s.max_json_depth,
+            max_number_digits=s.max_json_number_digits,
+        )
         if not isinstance(decoded, Decoded):
             poison = Failure(FailureKind.POISON, decoded.reason, error_type="undecodable")
             await self._settlement.failed(delivery, NO_RETRY, poison)
+            settled[0] = True
             record.settled("park", "undecodable")
             log_event(log, logging.WARNING, "parked", delivery, self.queue, started, decoded.reason)
             return
@@ -165,10 +192,12 @@ class QueueConsumer:
             if status:
                 await status.completed(outcome.result)
             await self._settlement.succeeded(delivery)
+            settled[0] = True
             record.settled("ack")
             log_event(log, logging.INFO, "completed", delivery, self.queue, started)
             return
         decision = await self._settlement.failed(delivery, handler.retry, outcome)
+        settled[0] = True
         retried = not isinstance(decision, Park)
         record.settled("retry" if retried else "park", outcome.error_type)
         if status:
@@ -184,10 +213,10 @@ class QueueConsumer:
         status: StatusReporter | None,
     ) -> Failure | Completed:
         context = JobContext(
-            job_id=delivery.message_id or "",
+            job_id=delivery.message_id or f"delivery-{delivery.delivery_tag}",
             job_name=handler.job.name,
             queue=self.queue,
-            attempt=delivery.attempt,
+            attempt=clamp_attempt(handler.retry, delivery.attempt),
             redelivered=delivery.redelivered,
         )
         token = set_current(context)
@@ -197,9 +226,11 @@ class QueueConsumer:
         try:
             async with deadline:
                 if handler.retry.immediate_retries:
-                    result = await self._call_with_immediate_retries(handler, job)
+                    result = await self._call_with_immediate_retries(handler, job, context.job_id)
                 else:
-                    result = await self._call(handler, job)
+                    result = await self._call(handler, job, context.job_id)
+        except StillRunning as exc:
+            return Failure(FailureKind.RETRY_LATER, str(exc), None, "StillRunning")
         except RetryLater as exc:
             return Failure(FailureKind.RETRY_LATER, str(exc), exc.delay, "RetryLater")
         except PermanentFailure as exc:
@@ -216,18 +247,16 @@ class QueueConsumer:
                 status.unbind_progress(progress)
         return Completed(result)
 
-    async def _call(self, handler: HandlerSpec, job: BaseModel) -> object:
+    async def _call(self, handler: HandlerSpec, job: BaseModel, job_id: str) -> object:
         if handler.run_in == "loop":
             return await handler.func(job)
-        loop = asyncio.get_running_loop()
-        executor = self._executors.for_mode(handler.run_in)
         if handler.run_in == "thread":
-            # Like asyncio.to_thread: the handler sees current_job() in its thread.
-            ctx = contextvars.copy_context()
-            return await loop.run_in_executor(executor, ctx.run, handler.func, job)
-        return await loop.run_in_executor(executor, handler.func, job)
+            return await self._executors.threads.run(job_id, handler.func, job)
+        return await self._executors.processes.run(handler.func, job)
 
-    async def _call_with_immediate_retries(self, handler: HandlerSpec, job: BaseModel) -> object:
+    async def _call_with_immediate_retries(
+        self, handler: HandlerSpec, job: BaseModel, job_id: str
+    ) -> object:
         async for attempt in AsyncRetrying(
             retry=retry_if_not_exception_type(_SIGNALS),
             stop=stop_after_attempt(handler.retry.immediate_retries + 1),
@@ -235,7 +264,7 @@ class QueueConsumer:
             reraise=True,
         ):
             with attempt:
-                return await self._call(handler, job)
+                return await self._call(handler, job, job_id)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _give_back(self, delivery: Delivery) -> None:

@@ -8,7 +8,6 @@ Headers (all optional for foreign publishers): ``bj-attempt`` (1-based run numbe
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,9 +17,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from brokerjobs.jobs import JobSpec, spec_of
+from brokerjobs.validation import content_type_problem, json_limit_problem
+from brokerjobs.validation import header_int as header_int  # re-exported: the wire's reader
 
 CONTENT_TYPE = "application/json"
-JSON_CONTENT_TYPES = frozenset({CONTENT_TYPE, "text/json"})
+DEFAULT_MAX_JSON_DEPTH = 64
+# Python's own int_max_str_digits: beyond it int() refuses anyway.
+DEFAULT_MAX_JSON_NUMBER_DIGITS = 4300
 
 ATTEMPT = "bj-attempt"
 SCHEMA_VERSION = "bj-schema-version"
@@ -90,7 +93,22 @@ class Delivery:
 
     @property
     def attempt(self) -> int:
-        return header_int(self.headers, ATTEMPT, default=1)
+        """The run number the headers claim (1 when absent or invalid); policies clamp it."""
+        return header_int(self.headers, ATTEMPT, default=1, low=1)
+
+    @property
+    def original_job_name(self) -> str:
+        """The job's name however it was first given: ``type``, else the first routing key.
+
+        After dead-lettering through the default exchange the routing key is the queue's name,
+        so a retry or replay of a job published without ``type`` names it by its origin header.
+        """
+        if self.job_name:
+            return self.job_name
+        origin = self.headers.get(ORIGIN_ROUTING_KEY)
+        if isinstance(origin, str) and origin and self.exchange == "":
+            return origin
+        return self.routing_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,16 +127,6 @@ class Undecodable:
 def new_job_id() -> str:
     """32 random hex digits (as uuid4().hex, without the UUID object: the publish hot path)."""
     return os.urandom(16).hex()
-
-
-def header_int(headers: Mapping[str, Any], key: str, default: int) -> int:
-    value = headers.get(key)
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    try:
-        return int(value) if value is not None else default
-    except (TypeError, ValueError):
-        return default
 
 
 def copy_of(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
@@ -158,38 +166,43 @@ def encode(
 
 
 def decode(
-    delivery: Delivery, jobs: Mapping[str, JobSpec], max_body_bytes: int
+    delivery: Delivery,
+    jobs: Mapping[str, JobSpec],
+    max_body_bytes: int,
+    *,
+    max_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    max_number_digits: int = DEFAULT_MAX_JSON_NUMBER_DIGITS,
 ) -> Decoded | Undecodable:
     """Turn a delivery into a validated job, or say exactly why it cannot be one."""
-    if len(delivery.body) > max_body_bytes:
-        return Undecodable(
-            f"body of {len(delivery.body)} bytes exceeds the limit of {max_body_bytes}"
-        )
-    # Foreign publishers may omit `type`: then the routing key (via our exchange) names the job.
-    name = delivery.job_name or delivery.routing_key
+    body = delivery.body
+    if len(body) > max_body_bytes:
+        return Undecodable(f"body of {len(body)} bytes exceeds the limit of {max_body_bytes}")
+    name = delivery.original_job_name
     spec = jobs.get(name)
     if spec is None:
         known = ", ".join(sorted(jobs)) or "none"
         return Undecodable(f"unknown job type {name!r} (this queue handles: {known})")
-    if delivery.content_type and delivery.content_type not in JSON_CONTENT_TYPES:
-        return Undecodable(f"content_type {delivery.content_type!r} is not {CONTENT_TYPE}")
+    problem = content_type_problem(delivery.content_type) or json_limit_problem(
+        body, max_depth, max_number_digits
+    )
+    if problem:
+        return Undecodable(problem)
     try:
-        return Decoded(spec, spec.model.model_validate_json(delivery.body))
+        return Decoded(spec, spec.model.model_validate_json(body))
     except ValidationError as exc:
-        return Undecodable(_explain_invalid(delivery.body, spec, exc))
+        return Undecodable(_explain_invalid(body, spec, exc))
 
 
 def _explain_invalid(body: bytes, spec: JobSpec, exc: ValidationError) -> str:
+    # Never json.loads the body here: it recurses, and refuses long integers with ValueError.
     try:
-        text = body.decode("utf-8")
+        body.decode("utf-8")
     except UnicodeDecodeError as err:
         return f"body is not valid UTF-8 (byte {err.start}): {body[:32]!r}"
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as err:
-        return f"malformed JSON: {err}"
+    errors = exc.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return f"malformed JSON: {errors[0]['msg'].removeprefix('Invalid JSON: ')}"
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
-        for e in exc.errors(include_url=False, include_input=False)[:5]
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors[:5]
     )
     return f"payload does not match {spec.model.__name__} ({spec.name}): {problems}"

@@ -79,8 +79,14 @@ def tier_for(delays: tuple[float, ...], wanted: float) -> float:
     return delays[min(index, len(delays) - 1)]
 
 
+def clamp_attempt(policy: RetryPolicy, attempt: int) -> int:
+    """The attempt number within ``1..max_attempts``: headers are input, not to be trusted."""
+    return min(max(attempt, 1), policy.max_attempts)
+
+
 def decide(policy: RetryPolicy, attempt: int, failure: Failure) -> Decision:
     """Decide what happens to a job whose ``attempt``-th run failed."""
+    attempt = clamp_attempt(policy, attempt)
     if failure.kind in (FailureKind.POISON, FailureKind.PERMANENT):
         return Park(failure.reason)
     if attempt >= policy.max_attempts:

@@ -54,6 +54,9 @@ class Settings(BaseModel):
     heartbeat: Annotated[int, Field(ge=0, le=3600)] = 30
     connect_timeout: PositiveSeconds = 30.0
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+    # Deeper or longer JSON is parked with the limit named (decoding never recurses past it).
+    max_json_depth: Annotated[int, Field(ge=1, le=10_000)] = 64
+    max_json_number_digits: Annotated[int, Field(ge=1, le=4300)] = 4300
     sync_workers: Annotated[int, Field(ge=1, le=1024)] = 8
     broker_consumer_timeout: PositiveSeconds = BROKER_CONSUMER_TIMEOUT_DEFAULT_S
     publish_window: Annotated[int, Field(ge=1, le=100_000)] = 1000

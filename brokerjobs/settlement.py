@@ -17,10 +17,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from brokerjobs import envelope as wire
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.errors import PublishNacked
-from brokerjobs.retry import Decision, Failure, Park, Retry, RetryPolicy, decide
+from brokerjobs.retry import Decision, Failure, Park, Retry, RetryPolicy, clamp_attempt, decide
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name, retry_queue_name
 from brokerjobs.transport import MessageChannel
+from brokerjobs.validation import trace_id
 
 MAX_TRACEBACK_CHARS = 4000
 NACK_RETRY_S = 3.0  # then the original is requeued and the worker opens new channels
@@ -41,12 +42,13 @@ class Settlement:
         await self._channel.ack(delivery.delivery_tag)
 
     async def failed(self, delivery: Delivery, policy: RetryPolicy, failure: Failure) -> Decision:
-        decision = decide(policy, delivery.attempt, failure)
+        attempt = clamp_attempt(policy, delivery.attempt)
+        decision = decide(policy, attempt, failure)
         if isinstance(decision, Retry):
-            message = retry_message(delivery, self.queue, failure, decision.delay)
+            message = retry_message(delivery, self.queue, failure, decision.delay, attempt)
             target, operation = retry_queue_name(self.queue, decision.delay), "retry"
         else:
-            message = parked_message(delivery, self.queue, failure, decision)
+            message = parked_message(delivery, self.queue, failure, decision, attempt)
             target, operation = self.parking_queue, "park"
         await self._publish(message, target, operation)
         await self._channel.ack(delivery.delivery_tag)
@@ -73,6 +75,10 @@ class Settlement:
         # Via the default exchange: straight to one queue, never to the other subscribers.
         with self._telemetry.sending(message, DEFAULT_EXCHANGE, target, operation=operation):
             await self._channel.publish(message, DEFAULT_EXCHANGE, target)
+
+    async def reject(self, delivery: Delivery) -> None:
+        """Dead-letter the delivery as it is: the main queue's dead-letter target is parking."""
+        await self._channel.nack(delivery.delivery_tag, requeue=False)
 
     async def requeue(self, delivery: Delivery) -> None:
         """Give the delivery back untouched (shutdown): not the job's fault, no attempt used."""
@@ -101,38 +107,40 @@ def _failure_headers(headers: dict[str, Any], failure: Failure) -> None:
     headers[wire.WORKER] = WORKER_ID
 
 
+def _copy(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
+    message = wire.copy_of(delivery, headers)
+    # A job published without `type` keeps its name: the next hop's routing key is a queue's.
+    message.job_name = message.job_name or delivery.original_job_name
+    return message
+
+
 def retry_message(
-    delivery: Delivery, queue: str, failure: Failure, delay: float
+    delivery: Delivery, queue: str, failure: Failure, delay: float, attempt: int | None = None
 ) -> OutgoingMessage:
     headers = _carried_headers(delivery, queue)
     _failure_headers(headers, failure)
-    headers[wire.ATTEMPT] = delivery.attempt + 1
-    message = wire.copy_of(delivery, headers)
+    headers[wire.ATTEMPT] = (delivery.attempt if attempt is None else attempt) + 1
+    message = _copy(delivery, headers)
     # Same TTL as the tier queue's x-message-ttl: per-message TTL only fires at the head.
     message.expiration_ms = round(delay * 1000)
     return message
 
 
 def parked_message(
-    delivery: Delivery, queue: str, failure: Failure, decision: Park
+    delivery: Delivery, queue: str, failure: Failure, decision: Park, attempt: int | None = None
 ) -> OutgoingMessage:
     headers = _carried_headers(delivery, queue)
     _failure_headers(headers, failure)
-    headers[wire.ATTEMPT] = delivery.attempt
+    headers[wire.ATTEMPT] = delivery.attempt if attempt is None else attempt
     headers[wire.PARK_REASON] = decision.reason[:MAX_ERROR_CHARS]
     headers[wire.PARKED_AT] = _now()
     if failure.exception is not None:
         text = "".join(traceback.format_exception(failure.exception))
         headers[wire.ERROR_TRACEBACK] = text[-MAX_TRACEBACK_CHARS:]
-    trace_id = _trace_id(headers.get(wire.ORIGINAL_TRACEPARENT) or headers.get("traceparent"))
-    if trace_id:
-        headers[wire.TRACE_ID] = trace_id
-    return wire.copy_of(delivery, headers)
-
-
-def _trace_id(traceparent: object) -> str | None:
-    """The trace id of the job's first publish, from a W3C ``traceparent`` header."""
-    if isinstance(traceparent, bytes):
-        traceparent = traceparent.decode("ascii", "replace")
-    parts = traceparent.split("-") if isinstance(traceparent, str) else []
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+    # The trace of the job's first publish: the original one, else the latest.
+    first = trace_id(headers.get(wire.ORIGINAL_TRACEPARENT)) or trace_id(headers.get("traceparent"))
+    if first:
+        headers[wire.TRACE_ID] = first
+    else:
+        headers.pop(wire.TRACE_ID, None)  # a producer's own value is not ours to vouch for
+    return _copy(delivery, headers)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
@@ -27,9 +26,10 @@ from typing import Any, ClassVar, Literal, Self, TypeVar, cast
 from pydantic import BaseModel, SecretStr
 
 from brokerjobs.app import App
-from brokerjobs.consumer import Executors, QueueConsumer, build_consumer
+from brokerjobs.consumer import QueueConsumer, build_consumer
 from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, new_job_id
 from brokerjobs.errors import ConfigError
+from brokerjobs.executors import Executors
 from brokerjobs.jobs import spec_of
 from brokerjobs.memory import MemoryChannel, _delivery, _Memory, _Queue
 from brokerjobs.parking import ParkedJob, replay_message
@@ -123,7 +123,7 @@ class TestBroker:
             channel=self._channel,
         )
         """A real ``Publisher`` into this broker: hand it to the code under test."""
-        self._executors = Executors(ThreadPoolExecutor(self.settings.sync_workers, "bj-test"))
+        self._executors = Executors(self.settings.sync_workers, name="bj-test")
         self._consumers = [self._consumer(name) for name in app.select_queues(queues)]
         self._tasks: set[asyncio.Task[None]] = set()
         self._errors: list[BaseException] = []

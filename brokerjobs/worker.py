@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from brokerjobs.app import App
-from brokerjobs.consumer import Executors, QueueConsumer, build_consumer
+from brokerjobs.consumer import QueueConsumer, build_consumer
 from brokerjobs.errors import BrokerJobsError, BrokerUnreachable, ConfigError
+from brokerjobs.executors import Executors
 from brokerjobs.health import HealthServer
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry
@@ -27,8 +28,15 @@ from brokerjobs.transport import CONNECTION_ERRORS, Channel, Connection, connect
 
 log = logging.getLogger("brokerjobs.worker")
 
+RECONNECT_MIN_DELAY = 0.2
 RECONNECT_MAX_DELAY = 10.0
 QUEUE_PROBE_INTERVAL_S = 10.0
+# A session shorter than this did not prove the broker healthy: backoff keeps growing, and
+# this many such sessions in a row make the worker not ready (reconnecting in a loop).
+STABLE_SESSION_S = 30.0
+SHORT_SESSIONS_NOT_READY = 3
+# Beyond a job's timeout, settling may take this long (confirm watchdog, nack retries).
+SETTLE_MARGIN_S = 20.0
 
 
 @dataclass
@@ -41,6 +49,9 @@ class _Session:
 
     def inflight(self) -> set[asyncio.Task[Any]]:
         return {task for _, _, consumer in self.consumers for task in consumer.inflight}
+
+    def oldest_inflight_s(self) -> float:
+        return max((c.oldest_inflight_s() for _, _, c in self.consumers), default=0.0)
 
     async def wait_lost(self, stop: asyncio.Event) -> str | None:
         """Wait until stop is requested (returns None) or the session breaks (returns why)."""
@@ -80,20 +91,63 @@ class Worker:
         self.topology = app.topology()
         self._stop = asyncio.Event()
         self._session: _Session | None = None
-        self._executors = Executors(ThreadPoolExecutor(self.settings.sync_workers, "bj-sync"))
+        self._executors = Executors(self.settings.sync_workers)
         self.reconnects = 0
+        self.short_sessions = 0  # sessions in a row that ended within STABLE_SESSION_S
         self.health_port: int | None = None
+        self._last_problems: list[str] = []
+        self._stuck_after_s = self._longest_job_timeout() + SETTLE_MARGIN_S
+
+    def _longest_job_timeout(self) -> float:
+        timeouts = [
+            handler.timeout or self.settings.job_timeout
+            for queue in self.queues
+            for handler in self.app.handlers(queue).values()
+        ]
+        return max(timeouts, default=self.settings.job_timeout)
 
     @property
     def ready(self) -> bool:
-        """Connected, and a live consumer on every queue this worker should consume."""
+        """Connected, a live consumer on every queue, and making progress (see ``problems``)."""
+        problems = self.problems()
+        if problems != self._last_problems:
+            if problems:
+                log.warning("not ready: %s", "; ".join(problems))
+            elif self._last_problems:
+                log.info("ready again")
+            self._last_problems = problems
+        return not problems
+
+    def problems(self) -> list[str]:
+        """Why the worker is not ready; empty when it is."""
         session = self._session
         if session is None or session.connection.is_closed:
-            return False
+            problems = ["not connected to the broker"]
+        else:
+            problems = self._session_problems(session)
+        if self.short_sessions >= SHORT_SESSIONS_NOT_READY:
+            problems.append(
+                f"reconnecting in a loop: {self.short_sessions} sessions in a row ended within "
+                f"{STABLE_SESSION_S:g}s"
+            )
+        executors = self._executors.problem()
+        if executors:
+            problems.append(executors)
+        return problems
+
+    def _session_problems(self, session: _Session) -> list[str]:
+        problems = []
         live = {c.queue for ch, _, c in session.consumers if not ch.is_closed}
-        return live == set(self.queues) and all(
-            not ch.consumer_cancelled.done() for ch in session.channels
-        )
+        if live != set(self.queues) or any(ch.consumer_cancelled.done() for ch in session.channels):
+            missing = sorted(set(self.queues) - live) or sorted(self.queues)
+            problems.append(f"no live consumer on {', '.join(missing)}")
+        held = session.oldest_inflight_s()
+        if held > self._stuck_after_s:
+            problems.append(
+                f"a delivery has been held {held:.0f}s, past its job timeout plus "
+                f"{SETTLE_MARGIN_S:g}s to settle: the worker makes no progress"
+            )
+        return problems
 
     def stop(self) -> None:
         self._stop.set()
@@ -106,6 +160,7 @@ class Worker:
         return {
             "consumers": {queue: queue in live for queue in self.queues},
             "reconnects": self.reconnects,
+            "problems": self.problems(),
         }
 
     async def run(self) -> None:
@@ -144,7 +199,7 @@ class Worker:
             await asyncio.sleep(QUEUE_PROBE_INTERVAL_S)
 
     async def _supervise(self) -> None:
-        delay = 0.2
+        delay = RECONNECT_MIN_DELAY
         started_once = False
         while not self._stop.is_set():
             try:
@@ -159,19 +214,33 @@ class Worker:
             except CONNECTION_ERRORS as exc:
                 log.warning("session setup failed (%s); retrying in %.1fs", exc, delay)
             else:
-                started_once, delay = True, 0.2
-                log.info("consuming %s", ", ".join(self.queues))
-                reason = await self._session.wait_lost(self._stop)
-                if reason is None:
-                    await self._drain(self._session)
+                started_once = True
+                lived = await self._run_session(session)
+                if lived is None:
                     return
-                log.warning("%s; reconnecting", reason)
-                self.reconnects += 1
-                await self._abandon(self._session)
+                if lived >= STABLE_SESSION_S:  # only a session that lasted resets the backoff
+                    delay, self.short_sessions = RECONNECT_MIN_DELAY, 0
+                else:
+                    self.short_sessions += 1
+                log.info("reconnecting in %.1fs", delay)
             self._session = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    async def _run_session(self, session: _Session) -> float | None:
+        """Consume until stop (drains, returns None) or the session breaks (its lifetime)."""
+        opened = time.monotonic()
+        log.info("consuming %s", ", ".join(self.queues))
+        reason = await session.wait_lost(self._stop)
+        if reason is None:
+            await self._drain(session)
+            return None
+        lived = time.monotonic() - opened
+        log.warning("%s after %.1fs", reason, lived)
+        self.reconnects += 1
+        await self._abandon(session)
+        return lived
 
     async def _open_session_unless_stopped(self) -> _Session | None:
         """Open a session; None if stop() came first (even while the broker is down)."""

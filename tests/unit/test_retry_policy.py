@@ -26,7 +26,11 @@ ERROR = Failure(FailureKind.ERROR, "boom")
         (2, ERROR, Retry(5.0)),
         (3, ERROR, Retry(30.0)),
         (4, ERROR, Park("gave up after 4 attempts: boom")),
-        (9, ERROR, Park("gave up after 9 attempts: boom")),
+        # Attempts come from a header: out-of-range values are clamped to 1..max_attempts.
+        (9, ERROR, Park("gave up after 4 attempts: boom")),
+        (10**30, ERROR, Park("gave up after 4 attempts: boom")),
+        (0, ERROR, Retry(1.0)),
+        (-5, ERROR, Retry(1.0)),
         (1, Failure(FailureKind.TIMEOUT, "slow"), Retry(1.0)),
         (1, Failure(FailureKind.POISON, "bad json"), Park("bad json")),
         (1, Failure(FailureKind.PERMANENT, "no such user"), Park("no such user")),

@@ -1,0 +1,124 @@
+"""Checks of untrusted input: content type, JSON shape limits and the headers brokerjobs reads.
+
+Everything here is pure and never raises on any value a broker can deliver: a header of the
+wrong type or range reads as absent, a body beyond a limit yields the reason it is parked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
+UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+# Header integers beyond this many digits are not counts a producer meant (10**30 attempts).
+MAX_HEADER_INT_DIGITS = 18
+MAX_HEADER_INT = 2**31 - 1
+
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)  # possessive: linear on any input
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def header_int(
+    headers: Mapping[str, Any], key: str, default: int, low: int = 0, high: int = MAX_HEADER_INT
+) -> int:
+    """An integer header, or ``default`` when absent, not an integer, or outside [low, high].
+
+    Accepts AMQP integers and decimal digits sent as a string (foreign producers do both).
+    """
+    value = headers.get(key)
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", "replace")
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text.removeprefix("-")
+        if not digits.isdigit() or not digits.isascii() or len(digits) > MAX_HEADER_INT_DIGITS:
+            return default
+        value = int(text)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return default
+    return value if low <= value <= high else default
+
+
+def header_text(headers: Mapping[str, Any], key: str, max_chars: int = 1000) -> str | None:
+    """A short text header (str, or UTF-8 bytes), or None when absent or of another type."""
+    value = headers.get(key)
+    if isinstance(value, bytes | bytearray):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str) or len(value) > max_chars:
+        return None
+    return value
+
+
+def content_type_problem(content_type: object) -> str | None:
+    """Why a ``content_type`` property is not JSON in UTF-8, or None if it is (or is absent).
+
+    Compared by meaning: any case, parameters allowed, ``+json`` suffixes are JSON.
+    """
+    if content_type is None:
+        return None
+    if not isinstance(content_type, str):
+        return f"content_type {content_type!r} is not a string"
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if media not in JSON_MEDIA_TYPES and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return f"content_type {content_type!r} is not application/json"
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+            if charset not in UTF8_CHARSETS:
+                return f"content_type {content_type!r}: charset {charset!r} is not UTF-8"
+    return None
+
+
+def json_limit_problem(body: bytes, max_depth: int, max_number_digits: int) -> str | None:
+    """Why a JSON body exceeds the nesting or number-size limits, or None.
+
+    A cheap count rules out almost every body; only suspicious ones are scanned, iteratively
+    (never recursively) and in time linear in the body's size.
+    """
+    deep = body.count(b"[") + body.count(b"{") > max_depth
+    long = len(body) > max_number_digits
+    if not deep and not long:
+        return None
+    text = _STRING.sub(b'""', body)
+    if deep and _depth_exceeds(_NOT_BRACKET.sub(b"", text), max_depth):
+        return f"JSON nested deeper than {max_depth} levels (BROKERJOBS_MAX_JSON_DEPTH)"
+    if long and re.search(rb"\d{%d}" % (max_number_digits + 1), text):
+        return (
+            f"JSON number with more than {max_number_digits} digits "
+            "(BROKERJOBS_MAX_JSON_NUMBER_DIGITS)"
+        )
+    return None
+
+
+def _depth_exceeds(brackets: bytes, limit: int) -> bool:
+    depth = 0
+    for char in brackets:
+        if char in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def trace_id(traceparent: object) -> str | None:
+    """The trace id of a well-formed W3C ``traceparent`` value, else None."""
+    if isinstance(traceparent, bytes | bytearray):
+        traceparent = bytes(traceparent).decode("ascii", "replace")
+    if not isinstance(traceparent, str):
+        return None
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    if match is None or match[1] == "0" * 32:
+        return None
+    return match[1]
