@@ -21,7 +21,7 @@ from brokerjobs.executors import Executors, StillRunning
 from brokerjobs.jobs import JobSpec
 from brokerjobs.logs import log_event
 from brokerjobs.outcomes import PermanentFailure, RetryLater
-from brokerjobs.retry import NO_RETRY, Failure, FailureKind, Park, clamp_attempt
+from brokerjobs.retry import NO_RETRY, Failure, FailureKind, Park, clamp_attempt, describe
 from brokerjobs.settings import Settings
 from brokerjobs.settlement import Settlement
 from brokerjobs.telemetry import Processing, Telemetry
@@ -148,7 +148,7 @@ class QueueConsumer:
 
     async def _unexpected(self, delivery: Delivery, exc: Exception, settled: bool) -> None:
         """Park a delivery that met an error nobody expected, instead of holding it forever."""
-        what = f"unexpected {type(exc).__name__} while handling the job: {exc}"[:1000]
+        what = f"unexpected {describe(exc)} while handling the job"[:1000]
         if settled:  # the ack (or its copy) went out already: nothing left to hold
             log.error("job %s: %s (after settling)", delivery.message_id, what, exc_info=exc)
             return
@@ -275,7 +275,7 @@ class QueueConsumer:
 def _error(exc: Exception) -> Failure:
     return Failure(
         FailureKind.ERROR,
-        f"{type(exc).__name__}: {exc}",
+        describe(exc),
         None,
         f"{type(exc).__module__}.{type(exc).__qualname__}",
         exc,

@@ -1,9 +1,10 @@
 """Where plain ``def`` handlers run, and what happens to one that outlives its timeout.
 
 A thread cannot be stopped from outside: a timed-out thread handler keeps its thread until it
-returns. The pool therefore has headroom (as many spare threads as ``sync_workers`` by default),
-the job's id is not run again while its abandoned thread still runs, and the worker stops
-being ready once abandoned threads eat into the configured concurrency.
+returns. The pool therefore has spare threads (``sync_workers``, at least 8) that only
+timed-out handlers use, so the configured concurrency stays available; the job's id is not run
+again while its abandoned thread still runs; and the worker stops being ready once abandoned
+threads hold every spare thread, the point from which they eat into that concurrency.
 
 A process can be stopped: a process handler past its timeout has its process killed and
 replaced (Celery's hard time limit), so it frees its slot at once.
@@ -24,16 +25,20 @@ from typing import Any
 log = logging.getLogger("brokerjobs.executors")
 
 
+MIN_HEADROOM = 8  # spare threads for timed-out handlers, at least as many as sync_workers
+
+
 class StillRunning(Exception):
     """The same job's earlier, timed-out run still holds a thread."""
 
 
 class ThreadRunner:
-    """``sync_workers`` concurrent thread handlers, plus headroom for abandoned ones."""
+    """``sync_workers`` concurrent thread handlers, plus spare threads for abandoned ones."""
 
     def __init__(self, workers: int, headroom: int | None = None, name: str = "bj-sync") -> None:
         self.workers = workers
-        self.headroom = workers if headroom is None else headroom
+        # Threads are only started when needed: headroom costs nothing until a timeout.
+        self.headroom = max(workers, MIN_HEADROOM) if headroom is None else headroom
         self._pool = concurrent.futures.ThreadPoolExecutor(workers + self.headroom, name)
         self._slots = asyncio.Semaphore(workers)  # an abandoned run gives its slot back
         self._lock = threading.Lock()
@@ -48,12 +53,12 @@ class ThreadRunner:
     def problem(self) -> str | None:
         """Why thread handlers cannot run at full concurrency, or None."""
         held = self.abandoned
-        if held <= self.headroom:
+        if held < self.headroom:
             return None
-        free = max(self.workers + self.headroom - held, 0)
+        free = min(max(self.workers + self.headroom - held, 0), self.workers)
         return (
-            f"{held} timed-out sync handler(s) still hold their threads: {free} of "
-            f"{self.workers} sync slots left (BROKERJOBS_SYNC_WORKERS)"
+            f"{held} timed-out sync handler(s) still run and hold every spare thread: "
+            f"{free} of {self.workers} sync slots left (BROKERJOBS_SYNC_WORKERS)"
         )
 
     async def run(self, job_id: str, func: Callable[[Any], object], arg: object) -> object:

@@ -50,6 +50,15 @@ DEFAULT_RETRY = RetryPolicy()
 NO_RETRY = RetryPolicy(delays=(1.0,), max_attempts=1)
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception, even one whose ``__str__`` itself raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     kind: FailureKind

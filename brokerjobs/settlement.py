@@ -107,6 +107,14 @@ def _failure_headers(headers: dict[str, Any], failure: Failure) -> None:
     headers[wire.WORKER] = WORKER_ID
 
 
+def _traceback(exc: BaseException) -> str:
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:  # an exception type whose own formatting fails
+        text = f"{type(exc).__qualname__} (its traceback could not be formatted)"
+    return text[-MAX_TRACEBACK_CHARS:]
+
+
 def _copy(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
     message = wire.copy_of(delivery, headers)
     # A job published without `type` keeps its name: the next hop's routing key is a queue's.
@@ -135,8 +143,7 @@ def parked_message(
     headers[wire.PARK_REASON] = decision.reason[:MAX_ERROR_CHARS]
     headers[wire.PARKED_AT] = _now()
     if failure.exception is not None:
-        text = "".join(traceback.format_exception(failure.exception))
-        headers[wire.ERROR_TRACEBACK] = text[-MAX_TRACEBACK_CHARS:]
+        headers[wire.ERROR_TRACEBACK] = _traceback(failure.exception)
     # The trace of the job's first publish: the original one, else the latest.
     first = trace_id(headers.get(wire.ORIGINAL_TRACEPARENT)) or trace_id(headers.get("traceparent"))
     if first:
