@@ -35,8 +35,9 @@ QUEUE_PROBE_INTERVAL_S = 10.0
 # this many such sessions in a row make the worker not ready (reconnecting in a loop).
 STABLE_SESSION_S = 30.0
 SHORT_SESSIONS_NOT_READY = 3
-# Beyond a job's timeout, settling may take this long (confirm watchdog, nack retries).
-SETTLE_MARGIN_S = 20.0
+# Beyond a job's timeout, settling may take the confirm timeout (the publish watchdog) plus this
+# (nack retries, the status event): a delivery held longer means the worker makes no progress.
+SETTLE_MARGIN_S = 5.0
 
 
 @dataclass
@@ -93,10 +94,13 @@ class Worker:
         self._session: _Session | None = None
         self._executors = Executors(self.settings.sync_workers)
         self.reconnects = 0
-        self.short_sessions = 0  # sessions in a row that ended within STABLE_SESSION_S
+        self.short_sessions = 0  # sessions in a row that ended within stable_session_s
+        self.stable_session_s = STABLE_SESSION_S
+        self._session_opened = 0.0
         self.health_port: int | None = None
         self._last_problems: list[str] = []
-        self._stuck_after_s = self._longest_job_timeout() + SETTLE_MARGIN_S
+        self._settle_margin_s = self.settings.confirm_timeout + SETTLE_MARGIN_S
+        self._stuck_after_s = self._longest_job_timeout() + self._settle_margin_s
 
     def _longest_job_timeout(self) -> float:
         timeouts = [
@@ -125,15 +129,23 @@ class Worker:
             problems = ["not connected to the broker"]
         else:
             problems = self._session_problems(session)
-        if self.short_sessions >= SHORT_SESSIONS_NOT_READY:
+        if self._reconnecting_in_a_loop():
             problems.append(
                 f"reconnecting in a loop: {self.short_sessions} sessions in a row ended within "
-                f"{STABLE_SESSION_S:g}s"
+                f"{self.stable_session_s:g}s"
             )
         executors = self._executors.problem()
         if executors:
             problems.append(executors)
         return problems
+
+    def _reconnecting_in_a_loop(self) -> bool:
+        """Several short sessions in a row, and the current one (if any) not yet long-lived."""
+        if self.short_sessions < SHORT_SESSIONS_NOT_READY:
+            return False
+        return self._session is None or (
+            time.monotonic() - self._session_opened < self.stable_session_s
+        )
 
     def _session_problems(self, session: _Session) -> list[str]:
         problems = []
@@ -145,7 +157,7 @@ class Worker:
         if held > self._stuck_after_s:
             problems.append(
                 f"a delivery has been held {held:.0f}s, past its job timeout plus "
-                f"{SETTLE_MARGIN_S:g}s to settle: the worker makes no progress"
+                f"{self._settle_margin_s:g}s to settle: the worker makes no progress"
             )
         return problems
 
@@ -218,7 +230,7 @@ class Worker:
                 lived = await self._run_session(session)
                 if lived is None:
                     return
-                if lived >= STABLE_SESSION_S:  # only a session that lasted resets the backoff
+                if lived >= self.stable_session_s:  # only a lasting session resets the backoff
                     delay, self.short_sessions = RECONNECT_MIN_DELAY, 0
                 else:
                     self.short_sessions += 1
@@ -230,7 +242,7 @@ class Worker:
 
     async def _run_session(self, session: _Session) -> float | None:
         """Consume until stop (drains, returns None) or the session breaks (its lifetime)."""
-        opened = time.monotonic()
+        opened = self._session_opened = time.monotonic()
         log.info("consuming %s", ", ".join(self.queues))
         reason = await session.wait_lost(self._stop)
         if reason is None:
