@@ -26,6 +26,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from brokerjobs.ack_batching import AckBatcher
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.errors import (
     BrokerUnreachable,
@@ -53,6 +54,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 CLOSE_TIMEOUT_S = 5.0
+# Acks are coalesced into one basic.ack(multiple) per this delay or this many acks: one frame and
+# one send instead of one per job. A crash before a flush only redelivers (bounded by prefetch).
+ACK_DELAY_S = 0.001
+ACK_BATCH = 64
 STALL_GRACE_S = 0.5
 _background: set[asyncio.Future[None]] = set()  # strong references to fire-and-forget closes
 
@@ -213,6 +218,8 @@ class Channel:
         self._watchdog: asyncio.Future[None] | None = None
         self._scopes: set[asyncio.Timeout] = set()  # one per publish waiting for its confirm
         self.broken = False  # confirms stopped coming: nothing more may be trusted to this channel
+        self._acks = AckBatcher()
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.consumer_cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
 
@@ -230,6 +237,7 @@ class Channel:
 
     async def close(self) -> None:
         with contextlib.suppress(*CONNECTION_ERRORS):
+            await self.flush_acks()
             await asyncio.wait_for(self._raw.close(), CLOSE_TIMEOUT_S)
         self.abandon_waiting()
 
@@ -417,25 +425,55 @@ class Channel:
         channel = self._ch
 
         async def on_message(message: DeliveredMessage) -> None:
+            self._acks.delivered(_tag(message))  # first: see ack_batching
             await callback(_to_delivery(message))
 
         ok = await channel.basic_consume(queue, on_message, no_ack=no_ack)
         return str(ok.consumer_tag)
 
     async def cancel(self, consumer_tag: str) -> None:
+        await self.flush_acks()
         await self._ch.basic_cancel(consumer_tag)
 
     async def ack(self, delivery_tag: int) -> None:
-        await self._ch.basic_ack(delivery_tag, wait=False)
+        """Ack soon (coalesced, within ``ACK_DELAY_S``); raises at once if the channel is gone."""
+        if self._ch.is_closed:
+            raise amqp_errors.ChannelInvalidStateError(f"channel {self._ch.number} is closed")
+        self._acks.acked(delivery_tag)
+        if self._acks.pending >= ACK_BATCH:
+            await self.flush_acks()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._flush_later)
 
     async def nack(self, delivery_tag: int, *, requeue: bool) -> None:
+        await self.flush_acks()
+        self._acks.settled_otherwise(delivery_tag)
         await self._ch.basic_nack(delivery_tag, requeue=requeue, wait=False)
+
+    async def flush_acks(self) -> None:
+        """Send every ack still waiting (before a cancel, a close, or a drain ends)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        for tag, multiple in self._acks.take():
+            await self._ch.basic_ack(tag, multiple=multiple, wait=False)
+
+    def _flush_later(self) -> None:
+        self._ack_timer = None
+        flush = asyncio.ensure_future(self._flush_quietly())
+        _background.add(flush)
+        flush.add_done_callback(_background.discard)
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(*CONNECTION_ERRORS):  # channel gone: the broker requeues them
+            await self.flush_acks()
 
     async def get(self, queue: str) -> Delivery | None:
         """``basic.get`` one message (manual ack), or None when the queue is empty."""
         message = await self._ch.basic_get(queue, no_ack=False)
         if isinstance(message.delivery, spec.Basic.GetEmpty):
             return None
+        self._acks.delivered(_tag(message))
         return _to_delivery(message)
 
     # -- topology ----------------------------------------------------------------------------
@@ -584,6 +622,10 @@ def _check_confirmation(
             "consumer's topology first (`brokerjobs topology declare MODULE:APP`)."
         )
     raise PublishError(f"unexpected confirmation {confirmation!r} for {message.message_id}")
+
+
+def _tag(message: DeliveredMessage) -> int:
+    return int(cast(spec.Basic.Deliver | spec.Basic.GetOk, message.delivery).delivery_tag or 0)
 
 
 def _to_delivery(message: DeliveredMessage) -> Delivery:
