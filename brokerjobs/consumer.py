@@ -15,6 +15,7 @@ from tenacity import AsyncRetrying, retry_if_not_exception_type, stop_after_atte
 
 from brokerjobs.app import App, HandlerSpec
 from brokerjobs.context import JobContext, reset_current, set_current
+from brokerjobs.deadlines import DeadlineKeeper
 from brokerjobs.envelope import Decoded, Delivery, decode
 from brokerjobs.errors import PublishError
 from brokerjobs.executors import Executors, StillRunning
@@ -95,6 +96,7 @@ class QueueConsumer:
         self._executors = executors
         # Each delivery's task and when it started: the worker's readiness watches for stuck ones.
         self.inflight: dict[asyncio.Task[Any], float] = {}
+        self._deadlines = DeadlineKeeper()
         # Set when settling keeps failing: the worker then opens a new session.
         self.needs_new_session: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -221,30 +223,40 @@ class QueueConsumer:
         )
         token = set_current(context)
         progress = status.started() if status else None
-        limit = handler.timeout or self._settings.job_timeout
-        deadline = asyncio.timeout(limit)
         try:
-            async with deadline:
+            return await self._invoke(handler, job, context.job_id)
+        finally:
+            reset_current(token)
+            if status is not None and progress is not None:
+                status.unbind_progress(progress)
+
+    async def _invoke(
+        self, handler: HandlerSpec, job: BaseModel, job_id: str
+    ) -> Failure | Completed:
+        """Run the handler within its timeout; map what it raised to a Failure."""
+        limit = handler.timeout or self._settings.job_timeout
+        deadline = self._deadlines.start(limit)
+        try:
+            try:
                 if handler.retry.immediate_retries:
-                    result = await self._call_with_immediate_retries(handler, job, context.job_id)
+                    result = await self._call_with_immediate_retries(handler, job, job_id)
                 else:
-                    result = await self._call(handler, job, context.job_id)
+                    result = await self._call(handler, job, job_id)
+            finally:
+                timed_out = self._deadlines.finish(deadline)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if timed_out and task is not None and not task.cancelling():  # ours, not a shutdown
+                return Failure(FailureKind.TIMEOUT, f"timed out after {limit:g}s", None, "Timeout")
+            raise
         except StillRunning as exc:
             return Failure(FailureKind.RETRY_LATER, str(exc), None, "StillRunning")
         except RetryLater as exc:
             return Failure(FailureKind.RETRY_LATER, str(exc), exc.delay, "RetryLater")
         except PermanentFailure as exc:
             return Failure(FailureKind.PERMANENT, str(exc), None, "PermanentFailure")
-        except TimeoutError as exc:
-            if not deadline.expired():  # the handler's own timeout, not ours
-                return _error(exc)
-            return Failure(FailureKind.TIMEOUT, f"timed out after {limit:g}s", None, "Timeout")
         except Exception as exc:
             return _error(exc)
-        finally:
-            reset_current(token)
-            if status is not None and progress is not None:
-                status.unbind_progress(progress)
         return Completed(result)
 
     async def _call(self, handler: HandlerSpec, job: BaseModel, job_id: str) -> object:
