@@ -53,9 +53,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def _cmd_worker(args: argparse.Namespace) -> int:
     app, settings = load_app(args.app), _settings(args)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    if args.processes < 1:
+        raise BrokerJobsError(f"--processes must be at least 1, got {args.processes}")
+    if args.processes > 1:
+        from brokerjobs.supervisor import run_supervisor
+
+        app.select_queues(queues)  # a wrong queue name fails here, not in N children
+        passed = ["--queues", args.queues] if args.queues else []
+        if args.prefetch:
+            passed += ["--prefetch", str(args.prefetch)]
+        return await run_supervisor(args.app, args.processes, settings, passed)
     if configure_from_environment(os.environ):
         log.info("exporting traces and metrics over OTLP")
-    await run_worker(app, settings)
+    await run_worker(app, settings, queues)
     return EXIT_OK
 
 
@@ -139,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run an app's handlers")
     worker.add_argument("app", metavar="MODULE:APP")
     worker.add_argument("--prefetch", type=int, help="concurrent jobs per queue")
+    worker.add_argument(
+        "--queues", metavar="Q1,Q2", help="consume only these of the app's queues (comma-separated)"
+    )
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes under a supervisor (default 1: this process)",
+    )
     worker.set_defaults(handler=_cmd_worker)
 
     scheduler = commands.add_parser("scheduler", help="publish an app's scheduled jobs")

@@ -70,6 +70,7 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     health_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    health_host: str = "0.0.0.0"  # probes come from the kubelet, not from this host
 
     @model_validator(mode="before")
     @classmethod

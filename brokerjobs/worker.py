@@ -182,7 +182,7 @@ class Worker:
             raise ConfigError(problem)
         health = HealthServer(lambda: self.ready, self.health)
         if self.settings.health_port is not None:
-            await health.start(self.settings.health_port)
+            await health.start(self.settings.health_port, self.settings.health_host)
             self.health_port = health.port
         probe = asyncio.create_task(self._probe_queues()) if self.telemetry.metering else None
         try:
@@ -347,9 +347,11 @@ class Worker:
         await session.connection.close()
 
 
-async def run_worker(app: App, settings: Settings | None = None) -> None:
+async def run_worker(
+    app: App, settings: Settings | None = None, queues: Iterable[str] | None = None
+) -> None:
     """Run a worker with SIGTERM/SIGINT handlers that start a graceful drain."""
-    worker = Worker(app, settings)
+    worker = Worker(app, settings, queues=queues)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
