@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bench_common import RETRY_DELAY_S, Result
-from bench_parent import Bench, BenchError, Side
+from bench_parent import Bench, BenchError, Side, middleware_unavailable
 
 Measure = Callable[[Bench, str], Awaitable[Result]]
 Derive = Callable[[float, float], float]  # (A sample, B sample) of one round -> derived value
@@ -35,17 +35,32 @@ class Metric:
 @dataclass(frozen=True, slots=True)
 class Arm:
     key: str  # short name: progress lines, legend, ratio column ("bj/raw")
-    title: str  # column title in the table
+    title: str  # column title (or row title) in the table
     does: str  # legend: what this arm does
+    suffix: str | None = ""  # RESULT name of subject/this ratio: ratio_name + "_" + suffix
+    baseline: bool = False  # runs only with --baseline REV (brokerjobs from that commit)
+
+
+Unavailable = Callable[[], str | None]  # why a scenario cannot run in this tree, or None
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
     metrics: tuple[Metric, ...]
-    arms: tuple[Arm, Arm]  # (A baseline, B subject); ratios are B/A
+    arms: tuple[Arm, ...]  # with two: (A baseline, B subject); ratios are subject/other
     measure: Measure
     repeat: int = 1  # runs of each arm per round (more pairs where the effect is small)
+    subject: str = ""  # key of the arm compared with every other; "": the last arm
+    unavailable: Unavailable | None = None
+
+    @property
+    def subject_arm(self) -> Arm:
+        return next((a for a in self.arms if a.key == self.subject), self.arms[-1])
+
+    @property
+    def others(self) -> tuple[Arm, ...]:
+        return tuple(a for a in self.arms if a is not self.subject_arm)
 
 
 SCENARIOS: list[Scenario] = []
@@ -56,11 +71,41 @@ def vs_raw(raw: str, bj: str) -> tuple[Arm, Arm]:
     return Arm("raw", "raw aio-pika", raw), Arm("bj", "brokerjobs", bj)
 
 
+BASELINE = Arm(
+    "old",
+    "brokerjobs baseline",
+    "the brokerjobs arm with brokerjobs imported from a git worktree of --baseline REV "
+    "(the same benchmark code and venv; its own exchange and queue, declared by its worker)",
+    suffix="baseline",
+    baseline=True,
+)
+
+
+def contest(aiormq: str, pika: str, bj: str) -> tuple[Arm, ...]:
+    """The ceiling, the usual baseline on both queue kinds, brokerjobs (the subject) and, with
+    --baseline, brokerjobs of another commit."""
+    return (
+        Arm("aiormq", "raw aiormq, plain queue", aiormq + PLAIN, suffix="aiormq"),
+        Arm("pika", "raw aio-pika, plain queue", pika + PLAIN, suffix="plain"),
+        Arm("prio", "raw aio-pika, priority queue", "as pika, on a queue with x-max-priority=10"),
+        Arm("bj", "brokerjobs", bj + " (on its own queue: today x-max-priority=10)", suffix=None),
+        BASELINE,
+    )
+
+
+PLAIN = " (on a queue with brokerjobs' main-queue arguments minus x-max-priority)"
+
+
 def scenario(
-    name: str, *metrics: Metric, arms: tuple[Arm, Arm], repeat: int = 1
+    name: str,
+    *metrics: Metric,
+    arms: tuple[Arm, ...],
+    repeat: int = 1,
+    subject: str = "",
+    unavailable: Unavailable | None = None,
 ) -> Callable[[Measure], Measure]:
     def register(measure: Measure) -> Measure:
-        SCENARIOS.append(Scenario(name, metrics, arms, measure, repeat))
+        SCENARIOS.append(Scenario(name, metrics, arms, measure, repeat, subject, unavailable))
         return measure
 
     return register
@@ -84,22 +129,32 @@ def _side(arm: str) -> Side:
     raise BenchError(f"arm {arm!r} is neither raw nor bj")
 
 
+CLIENT_CPU = Metric("cpu_us_per_job", "  client process CPU time per job", "us", False)
+BROKER_CPU = Metric("broker_cpu_us_per_job", "  broker CPU time per job", "us", False)
+
+
 @scenario(
     "publish",
     Metric("rate", "publish {jobs} jobs, confirmed", "msg/s", True, "publish_ratio"),
-    arms=vs_raw(
-        raw="exchange.publish(Message(json bytes, PERSISTENT, content_type, message_id), "
+    CLIENT_CPU,
+    BROKER_CPU,
+    arms=contest(
+        aiormq="channel.basic_publish(json bytes, properties(delivery_mode 2, content_type, "
+        "message_id), mandatory=True) per job, asyncio.gather in windows of 1000, each "
+        "confirm checked",
+        pika="exchange.publish(Message(json bytes, PERSISTENT, content_type, message_id), "
         "mandatory=True) per job, asyncio.gather in windows of 1000, each confirm checked",
         bj="Publisher.publish_many(@job pydantic models): to_json, message id, headers, "
         "pipelined confirms (publish_window=1000)",
     ),
+    subject="bj",
 )
 async def publish(bench: Bench, arm: str) -> Result:
-    side = _side(arm)
-    await bench.admin.purge()
-    result = await bench.child(side, "publish")
-    await bench.admin.expect_depth(bench.base.jobs, f"after {side} publish")
-    await bench.admin.purge()
+    queue = bench.place(arm).queue
+    await bench.admin.purge(queue)
+    result = await bench.run(arm, "publish")
+    await bench.admin.expect_depth(bench.base.jobs, f"after {arm} publish", queue)
+    await bench.admin.purge(queue)
     return result
 
 
@@ -108,20 +163,28 @@ async def publish(bench: Bench, arm: str) -> Result:
     Metric("rate", "drain {jobs} jobs, prefetch {prefetch}", "msg/s", True, "consume_ratio"),
     Metric("startup_ms", "  of which: start to first job", "ms", False),
     Metric("cpu_us_per_job", "  consumer CPU time per job", "us", False),
+    BROKER_CPU,
     Metric("rss_mb", "consumer process peak RSS", "MiB", False, "rss_ratio"),
     Metric("import_rss_mb", "  of which: after imports", "MiB", False),
-    arms=vs_raw(
-        raw="queue.consume(cb): cb json.loads the body, awaits a no-op handler, message.ack()",
+    arms=contest(
+        aiormq="basic_consume(cb), manual acks: cb json.loads the body, awaits a no-op "
+        "handler, basic_ack(delivery_tag)",
+        pika="queue.consume(cb): cb json.loads the body, awaits a no-op handler, message.ack()",
         bj="Worker + App, one async no-op handler: body validated into the pydantic model, "
         "job context, timeout, ack",
     ),
+    subject="bj",
 )
 async def consume(bench: Bench, arm: str) -> Result:
-    side = _side(arm)
-    await bench.admin.purge()
-    await bench.admin.prefill(side, bench.base.jobs)
-    result = await bench.child(side, "consume")
-    await bench.admin.expect_depth(0, f"after {side} consume")
+    return await _drain(bench, arm, arm, "")
+
+
+async def _drain(bench: Bench, arm: str, place: str, variant: str) -> Result:
+    queue = bench.place(place).queue
+    await bench.admin.purge(queue)
+    await bench.prefill(place, bench.base.jobs)
+    result = await bench.run(place, "consume", variant=variant)
+    await bench.admin.expect_depth(0, f"after {arm} consume", queue)
     return result
 
 
@@ -135,16 +198,19 @@ async def consume(bench: Bench, arm: str) -> Result:
         "latency_p50_ratio",
     ),
     Metric("p99_ms", "publish->handler p99", "ms", False),
-    arms=vs_raw(
-        raw="one process: confirmed exchange.publish paced at the rate; queue.consume as above",
+    Metric("cpu_us_per_job", "  process CPU time per job (publish + consume)", "us", False),
+    arms=contest(
+        aiormq="one process: confirmed basic_publish paced at the rate; basic_consume as above",
+        pika="one process: confirmed exchange.publish paced at the rate; queue.consume as above",
         bj="one process: Publisher.publish paced at the rate; Worker as above",
     ),
+    subject="bj",
 )
 async def latency(bench: Bench, arm: str) -> Result:
-    side = _side(arm)
-    await bench.admin.purge()
-    result = await bench.child(side, "latency", jobs=bench.latency_jobs)
-    await bench.admin.expect_depth(0, f"after {side} latency")
+    queue = bench.place(arm).queue
+    await bench.admin.purge(queue)
+    result = await bench.run(arm, "latency", jobs=bench.latency_jobs)
+    await bench.admin.expect_depth(0, f"after {arm} latency", queue)
     return result
 
 
@@ -228,7 +294,7 @@ async def replay(bench: Bench, arm: str) -> Result:
 async def retry(bench: Bench, arm: str) -> Result:
     admin, jobs = bench.admin, bench.retry_jobs
     await admin.purge()
-    await admin.prefill("bj", jobs)
+    await bench.prefill("bj", jobs)
     result = await bench.child("bj", "retry", jobs=jobs, variant=arm)
     await _expect_retry_queues_empty(bench, arm)
     if arm == "fail":
@@ -307,7 +373,7 @@ async def telemetry_sampled(bench: Bench, arm: str) -> Result:
 async def _telemetry_run(bench: Bench, arm: str, variant: str, *, sampled: bool) -> Result:
     admin, jobs = bench.admin, bench.base.jobs
     await admin.purge()
-    await admin.prefill("bj", jobs)
+    await bench.prefill("bj", jobs)
     result = await bench.child("bj", "consume", variant=variant if arm == "on" else "")
     await admin.expect_depth(0, f"after the {variant}-{arm} consume")
     if arm == "on":
@@ -318,3 +384,33 @@ async def _telemetry_run(bench: Bench, arm: str, variant: str, *, sampled: bool)
                 f"consumed messages counted for {jobs} jobs"
             )
     return result
+
+
+@scenario(
+    "consume-noop-middleware",
+    Metric(
+        "rate", "drain {jobs} jobs, prefetch {prefetch}", "msg/s", True, "noop_middleware_ratio"
+    ),
+    Metric("cpu_us_per_job", "  consumer CPU time per job", "us", False),
+    Metric("rss_mb", "consumer process peak RSS", "MiB", False),
+    arms=(
+        Arm(
+            "old",
+            "baseline, none",
+            "the consume scenario's Worker from --baseline REV, without middleware",
+            suffix="baseline",
+            baseline=True,
+        ),
+        Arm("bj", "no middleware", "the consume scenario's Worker, no middleware configured"),
+        Arm(
+            "mw",
+            "1 no-op middleware",
+            "the same Worker with one middleware that overrides no hook (bench_bj.middleware_api)",
+        ),
+    ),
+    unavailable=middleware_unavailable,
+)
+async def noop_middleware(bench: Bench, arm: str) -> Result:
+    if arm == "mw":
+        return await _drain(bench, arm, "bj", "noop-middleware")
+    return await _drain(bench, arm, arm, "")

@@ -28,7 +28,7 @@ from bench_common import RESULT_MARK, ChildConfig
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-SIDE_MODULES = {"raw": "bench_raw", "bj": "bench_bj"}
+SIDE_MODULES = {"raw": "bench_raw", "bj": "bench_bj", "aiormq": "bench_aiormq"}
 QUICK = {"jobs": 500, "rounds": 1, "latency_jobs": 100, "retry_jobs": 200}
 
 
@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", metavar="NAMES", default="", help="comma-separated scenarios to run (default all)"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the brokerjobs arms with brokerjobs from git revision REV (e.g. HEAD~1)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", type=Path, help=argparse.SUPPRESS)
@@ -70,8 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_child(spec: str, config: str, profile_out: Path | None) -> None:
     """Child mode: run one side's task and print its result for the parent."""
     side, task = spec.split(":", 1)
+    cfg = ChildConfig.from_json(config)
     module = importlib.import_module(SIDE_MODULES[side])
-    coroutine = module.TASKS[task](ChildConfig.from_json(config))
+    if cfg.tree:
+        _check_tree(Path(cfg.tree))
+    coroutine = module.TASKS[task](cfg)
     if profile_out is None:
         result = asyncio.run(coroutine)
     else:
@@ -83,8 +91,17 @@ def run_child(spec: str, config: str, profile_out: Path | None) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
+def _check_tree(tree: Path) -> None:
+    """A baseline child must run the baseline's brokerjobs, not this tree's."""
+    loaded = sys.modules.get("brokerjobs")
+    where = Path(loaded.__file__ or "") if loaded is not None else None
+    if where is None or not where.resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"brokerjobs was imported from {where}, not from the baseline {tree}")
+
+
 def run_parent(args: argparse.Namespace) -> int:
     # Imported here: they import brokerjobs, which a raw child must never load.
+    from bench_host import GitError
     from bench_parent import BenchError
     from bench_scenarios import SCENARIOS
     from bench_suite import Options, run_suite
@@ -109,13 +126,14 @@ def run_parent(args: argparse.Namespace) -> int:
         profile_dir=args.profile,
         quick=args.quick,
         only=only,
+        baseline=args.baseline,
     )
     try:
         asyncio.run(run_suite(options))
     except (asyncio.CancelledError, KeyboardInterrupt):
         print("benchmark interrupted", file=sys.stderr)
         return 130
-    except BenchError as exc:
+    except (BenchError, GitError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
