@@ -88,7 +88,7 @@ def contest(aiormq: str, pika: str, bj: str) -> tuple[Arm, ...]:
         Arm("aiormq", "raw aiormq, plain queue", aiormq + PLAIN, suffix="aiormq"),
         Arm("pika", "raw aio-pika, plain queue", pika + PLAIN, suffix="plain"),
         Arm("prio", "raw aio-pika, priority queue", "as pika, on a queue with x-max-priority=10"),
-        Arm("bj", "brokerjobs", bj + " (on its own queue: today x-max-priority=10)", suffix=None),
+        Arm("bj", "brokerjobs", bj + " (on the app's queue: arguments in the header)", suffix=None),
         BASELINE,
     )
 

@@ -128,6 +128,8 @@ def _header(options: Options, elapsed: float, bench: Bench, tree: Checkout | Non
         f"aiormq {version('aiormq')}, pydantic {version('pydantic')}; {os.cpu_count()} CPU(s), "
         f"load average at the end {load}; took {elapsed:.0f}s",
         _broker_line(bench.base.broker_pid),
+        f"brokerjobs' main queue: {_arguments(bench)}; the raw plain queue: the same without "
+        "x-max-priority; the raw priority queue: the same with x-max-priority=10",
     ]
     if tree is not None:
         lines.append(
@@ -137,6 +139,11 @@ def _header(options: Options, elapsed: float, bench: Bench, tree: Checkout | Non
     if options.profile_dir is not None:
         lines.append(f"PROFILED under cProfile (figures inflated): stats in {options.profile_dir}")
     return lines
+
+
+def _arguments(bench: Bench) -> str:
+    arguments = bench.admin.plan.queue(bench.admin.main).arguments
+    return " ".join(f"{key}={value!r}" for key, value in sorted(arguments.items())) or "-"
 
 
 def _broker_line(pid: int) -> str:
