@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bench_common import Result
-from bench_scenarios import Arm, Metric, Scenario
+from bench_model import Arm, Metric, Scenario
 
 # The RESULT line names these first, in this order; other named values follow.
 RESULT_ORDER = (

@@ -1,13 +1,15 @@
-"""brokerjobs vs raw aio-pika on the local broker: publish, consume, latency, consumer RSS and
-parked-job replay; and brokerjobs alone: the cost of a retry hop, and of telemetry.
+"""brokerjobs vs raw aiormq and aio-pika on the local broker: publish, consume, latency, client
+and broker CPU per job, consumer RSS and parked-job replay; and brokerjobs alone: the cost of a
+retry hop, of telemetry and of a no-op middleware.
 
-    python benchmarks/run.py              # full run (10,000 jobs, 3 rounds), about 3 minutes
-    python benchmarks/run.py --quick      # smoke test in seconds
+    python benchmarks/run.py                     # full run (10,000 jobs, 3 rounds), ~8 minutes
+    python benchmarks/run.py --quick             # smoke test in seconds
+    python benchmarks/run.py --baseline HEAD~1   # brokerjobs of HEAD~1 as one more contestant
 
 The last line is ``RESULT consume_ratio=.. publish_ratio=.. latency_p50_ratio=.. rss_ratio=..
 replay_rate=.. retry_hop_ms=.. telemetry_overhead=.. replay_ratio=.. retry_extra_ms=..
-retry_hop_paced_ms=.. telemetry_overhead_sampled=..`` (ratios are brokerjobs / raw aio-pika).
-See benchmarks/README.md.
+retry_hop_paced_ms=.. telemetry_overhead_sampled=.. publish_ratio_aiormq=.. ...`` (ratios are
+brokerjobs / the other arm). See benchmarks/README.md.
 
 Internally, ``--child SIDE:TASK --config JSON`` runs one measurement in this fresh process and
 prints ``BENCH_RESULT {json}``; the parent starts those children.
@@ -99,6 +101,19 @@ def _check_tree(tree: Path) -> None:
         raise SystemExit(f"brokerjobs was imported from {where}, not from the baseline {tree}")
 
 
+def _chosen(only: str, known: list[str]) -> tuple[str, ...] | None:
+    """The scenario names of ``--only``; None (after saying why) if one is unknown."""
+    chosen = tuple(name for name in only.split(",") if name)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        print(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(known)}",
+            file=sys.stderr,
+        )
+        return None
+    return chosen
+
+
 def run_parent(args: argparse.Namespace) -> int:
     # Imported here: they import brokerjobs, which a raw child must never load.
     from bench_host import GitError
@@ -106,13 +121,9 @@ def run_parent(args: argparse.Namespace) -> int:
     from bench_scenarios import SCENARIOS
     from bench_suite import Options, run_suite
 
-    only = tuple(name for name in args.only.split(",") if name)
-    unknown = sorted(set(only) - {s.name for s in SCENARIOS})
-    if unknown:
-        known = ", ".join(s.name for s in SCENARIOS)
-        print(f"unknown scenario(s) {', '.join(unknown)}; choose from {known}", file=sys.stderr)
+    only = _chosen(args.only, [s.name for s in SCENARIOS])
+    if only is None:
         return 2
-
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     options = Options(
