@@ -279,7 +279,7 @@ class Bench:
         """Run ``task`` for ``arm`` in a fresh process, on the arm's place."""
         place = self.place(arm)
         where = {"exchange": place.exchange, "queue": place.queue, "tree": place.tree}
-        return await self.child(place.side, task, **(where | changes))
+        return await self.child(place.side, task, arm, **(where | changes))
 
     async def prefill(self, arm: str, count: int) -> None:
         """Fill the arm's queue with ``count`` jobs as its own publisher writes them."""
@@ -295,13 +295,13 @@ class Bench:
         """Jobs of the paced retry run: a tenth of the drained ones (200: 1 s at 200/s)."""
         return max(1, self.retry_jobs // 10)
 
-    async def child(self, side: Side, task: str, **changes: Any) -> Result:
-        """Run ``task`` of ``side``'s module (bench_raw or bench_bj) in a fresh process."""
+    async def child(self, side: Side, task: str, arm: str = "", **changes: Any) -> Result:
+        """Run ``task`` of ``side``'s module (bench_raw, bench_aiormq or bench_bj) in a fresh
+        process; ``arm`` names its profile when it is not the side."""
         cfg = replace(self.base, **changes)
         profile = None
         if self.profile_dir is not None:
-            tree = "baseline" if cfg.tree else ""
-            name = "-".join(filter(None, (self.scenario, side, tree, task, cfg.variant)))
+            name = "-".join(filter(None, (self.scenario, arm or side, task, cfg.variant)))
             profile = self.profile_dir / f"{name}-round{self.round + 1}.{self.repetition + 1}.prof"
         return await spawn_child(side, task, cfg, profile)
 

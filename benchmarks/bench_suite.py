@@ -169,6 +169,7 @@ async def _baseline(bench: Bench, rev: str | None) -> AsyncIterator[Checkout | N
             await bench.run("old", "declare")
             yield tree
         finally:
+            bench.scenario = ""
             try:
                 await bench.run("old", "delete")
             except BenchError as exc:
