@@ -14,8 +14,10 @@ consumer's peak RSS is not inflated by them.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bench_common import (
     JOB_NAME,
@@ -23,13 +25,17 @@ from bench_common import (
     ChildConfig,
     Countdown,
     Result,
+    Stamp,
+    cpu_per_job,
     job_fields,
     paced,
     peak_rss_mb,
     percentile,
+    throughput,
 )
 from pydantic import BaseModel
 
+import brokerjobs
 from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job, job
 from brokerjobs.telemetry import Telemetry
 
@@ -57,9 +63,39 @@ def make_settings(cfg: ChildConfig) -> Settings:
     return Settings(url=cfg.url, prefetch=cfg.prefetch, publish_window=cfg.window)
 
 
-def make_app(cfg: ChildConfig, handler: Handler = _noop) -> App:
+def middleware_api() -> str | None:
+    """How this tree takes a middleware (issue 10's delivery pipeline), or None if it has none.
+
+    Recognised: a ``brokerjobs.Middleware`` base class, configured with ``app.use(m)`` or
+    ``App(..., middleware=[m])``. If the pipeline lands with another shape, adapt this function
+    and ``_noop_middleware``; the scenario itself needs no change.
+    """
+    if not isinstance(getattr(brokerjobs, "Middleware", None), type):
+        return None
+    if callable(getattr(App, "use", None)):
+        return "app.use"
+    if "middleware" in inspect.signature(App).parameters:
+        return "App(middleware=...)"
+    return None
+
+
+def _noop_middleware() -> Any:
+    """A middleware that overrides nothing: every hook is the base class's no-op."""
+    base: type = brokerjobs.Middleware  # type: ignore[attr-defined,unused-ignore]
+    return type("NoopMiddleware", (base,), {})()
+
+
+def make_app(cfg: ChildConfig, handler: Handler = _noop, *, middleware: bool = False) -> App:
     """The benchmark app; the parent declares its topology, and both sides use its main queue."""
-    app = App(cfg.exchange, exchange=cfg.exchange)
+    api = middleware_api() if middleware else None
+    if middleware and api is None:
+        raise RuntimeError("no middleware API in this tree")
+    extra: dict[str, Any] = {}
+    if api == "App(middleware=...)":
+        extra["middleware"] = [_noop_middleware()]
+    app = App(cfg.exchange, exchange=cfg.exchange, **extra)
+    if api == "app.use":
+        app.use(_noop_middleware())  # type: ignore[attr-defined,unused-ignore]
     app.queue(cfg.queue, JOB_NAME, prefetch=cfg.prefetch)
     app.handler(BenchOrder, queue=cfg.queue, retry=RETRY)(handler)
     return app
@@ -98,31 +134,31 @@ async def _until_ready(worker: Worker, task: asyncio.Task[None]) -> None:
 async def publish(cfg: ChildConfig) -> Result:
     jobs = make_jobs(cfg.jobs)
     async with Publisher(make_settings(cfg), exchange=cfg.exchange) as publisher:
-        started = time.perf_counter()
+        start = Stamp.take(cfg.broker_pid)
         await publisher.publish_many(jobs)
-        elapsed = time.perf_counter() - started
-    return {"rate": cfg.jobs / elapsed}
+        end = Stamp.take(cfg.broker_pid)
+    return throughput(start, end, cfg.jobs)
 
 
 async def _drain(
     cfg: ChildConfig, handler: Handler, done: asyncio.Event, telemetry: Telemetry | None = None
-) -> tuple[float, float]:
-    """Run a worker until ``done``; returns when it started, before connecting (perf_counter,
-    process_time)."""
-    started, cpu_started = time.perf_counter(), time.process_time()
-    worker = Worker(make_app(cfg, handler), make_settings(cfg), telemetry=telemetry)
+) -> Stamp:
+    """Run a worker until ``done``; returns when it started, before connecting."""
+    start = Stamp.take(cfg.broker_pid)
+    app = make_app(cfg, handler, middleware=cfg.variant == "noop-middleware")
+    worker = Worker(app, make_settings(cfg), telemetry=telemetry)
     task = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(cfg.timeout):
             await _wait(done, task)
     finally:
         await _stop(worker, task)
-    return started, cpu_started
+    return start
 
 
 async def consume(cfg: ChildConfig) -> Result:
     import_rss = peak_rss_mb()
-    countdown = Countdown(cfg.jobs)
+    countdown = Countdown(cfg.jobs, cfg.broker_pid)
 
     async def handler(_: BenchOrder) -> None:
         countdown.tick()
@@ -138,7 +174,7 @@ async def consume(cfg: ChildConfig) -> Result:
         start = await _drain(cfg, handler, countdown.done)
         checks = {}
     rss = {"rss_mb": peak_rss_mb(), "import_rss_mb": import_rss}
-    return countdown.throughput(*start) | rss | checks
+    return countdown.throughput(start) | rss | checks
 
 
 SAMPLED_RATIO = 0.1  # the telemetry-sampled scenario's trace sampling ratio
@@ -175,14 +211,10 @@ async def retry(cfg: ChildConfig) -> Result:
         await _paced_run(cfg, handler, countdown.done)
         result = {}
     else:
-        started, cpu_started = await _drain(cfg, handler, countdown.done)
-        drain_ms = (countdown.done_at - started) * 1000
-        cpu_us = (countdown.cpu_done_at - cpu_started) * 1e6
-        result = {
-            "drain_ms": drain_ms,
-            "per_job_ms": drain_ms / cfg.jobs,
-            "cpu_us_per_job": cpu_us / cfg.jobs,
-        }
+        start = await _drain(cfg, handler, countdown.done)
+        drain_ms = (countdown.ended.wall - start.wall) * 1000
+        result = {"drain_ms": drain_ms, "per_job_ms": drain_ms / cfg.jobs}
+        result |= cpu_per_job(start, countdown.ended, cfg.jobs)
     if fail:
         if len(hops_ms) != cfg.jobs or failed_at:
             raise RuntimeError(f"{len(hops_ms)} hops for {cfg.jobs} jobs, {len(failed_at)} lost")
@@ -195,21 +227,21 @@ async def replay(cfg: ChildConfig) -> Result:
     from brokerjobs.parking import ParkingLot
 
     settings = make_settings(cfg)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    start = Stamp.take(0)
     async with ParkingLot(settings, cfg.queue) as lot:
         report = await lot.replay()
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu_started
+        end = Stamp.take(0)
     if report.replayed != cfg.jobs or report.failed or report.invalid:
         raise RuntimeError(
             f"replayed {report.replayed} of {cfg.jobs} (scanned {report.scanned}, "
             f"{len(report.failed)} failed, {len(report.invalid)} invalid)"
         )
-    return {"rate": cfg.jobs / elapsed, "cpu_us_per_job": cpu / cfg.jobs * 1e6}
+    return throughput(start, end, cfg.jobs)
 
 
-async def _paced_run(cfg: ChildConfig, handler: Handler, done: asyncio.Event) -> None:
-    """One process: a worker, and ``cfg.jobs`` jobs published to it at ``cfg.rate``/s."""
+async def _paced_run(cfg: ChildConfig, handler: Handler, done: asyncio.Event) -> Stamp:
+    """One process: a worker, and ``cfg.jobs`` jobs published to it at ``cfg.rate``/s; returns
+    when the first publish began."""
     worker = Worker(make_app(cfg, handler), make_settings(cfg))
     task = asyncio.create_task(worker.run())
     try:
@@ -220,10 +252,12 @@ async def _paced_run(cfg: ChildConfig, handler: Handler, done: asyncio.Event) ->
                 async def send(index: int) -> None:
                     await publisher.publish(BenchOrder(**job_fields(index, sent_at=time.time())))
 
+                start = Stamp.take(0)  # no broker CPU: paced, the broker's time is mostly idle
                 await paced(cfg.jobs, cfg.rate, send)
                 await _wait(done, task)
     finally:
         await _stop(worker, task)
+    return start
 
 
 async def latency(cfg: ChildConfig) -> Result:
@@ -232,11 +266,46 @@ async def latency(cfg: ChildConfig) -> Result:
     async def handler(order: BenchOrder) -> None:
         countdown.tick(sent_at=order.sent_at)
 
-    await _paced_run(cfg, handler, countdown.done)
-    return countdown.latency()
+    start = await _paced_run(cfg, handler, countdown.done)
+    return countdown.latency() | cpu_per_job(start, countdown.ended, cfg.jobs)
+
+
+async def declare(cfg: ChildConfig) -> Result:
+    """Set-up of another tree's contestant: its worker declares its own topology at start."""
+    worker = Worker(make_app(cfg), make_settings(cfg))
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            await _until_ready(worker, task)
+    finally:
+        await _stop(worker, task)
+    return {}
+
+
+async def prefill(cfg: ChildConfig) -> Result:
+    """Set-up, untimed: publish ``cfg.jobs`` jobs as this tree's publisher writes them."""
+    async with Publisher(make_settings(cfg), exchange=cfg.exchange) as publisher:
+        await publisher.publish_many(make_jobs(cfg.jobs))
+    return {}
+
+
+async def delete(cfg: ChildConfig) -> Result:
+    """Clean-up: delete every queue of this tree's plan for the app, and its exchange."""
+    import aio_pika
+
+    plan = make_app(cfg).topology()
+    async with await aio_pika.connect(cfg.url) as connection:
+        channel = await connection.channel()
+        for queue in plan.queues:
+            await channel.queue_delete(queue.name)
+        await channel.exchange_delete(plan.exchange)
+    return {"queues": len(plan.queues)}
 
 
 TASKS: dict[str, Callable[[ChildConfig], Awaitable[Result]]] = {
+    "declare": declare,
+    "prefill": prefill,
+    "delete": delete,
     "publish": publish,
     "consume": consume,
     "latency": latency,
@@ -244,4 +313,4 @@ TASKS: dict[str, Callable[[ChildConfig], Awaitable[Result]]] = {
     "replay": replay,
 }
 
-__all__ = ["TASKS", "BenchOrder", "make_app", "make_jobs", "make_settings"]
+__all__ = ["TASKS", "BenchOrder", "make_app", "make_jobs", "make_settings", "middleware_api"]

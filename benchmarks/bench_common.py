@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ class ChildConfig:
     rate: float = 200.0
     timeout: float = 60.0
     variant: str = ""  # a task's variant, e.g. "fail" (retry) or "otel" (consume)
+    broker_pid: int = 0  # the broker's OS process, whose CPU time a child reads; 0: unknown
+    tree: str = ""  # a bj child imports brokerjobs from this checkout; "": the current one
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -80,41 +83,85 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
+def broker_cpu_s(pid: int) -> float | None:
+    """The broker's CPU time so far (user + system, all its threads), or None if unreadable.
+
+    Read from /proc/<pid>/stat, never signalled. Clock-tick resolution (10 ms): fine over the
+    second or more of broker CPU a measured phase takes.
+    """
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # the name in parentheses may contain spaces
+    utime, stime = int(fields[11]), int(fields[12])  # stat fields 14 and 15
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """One moment: wall clock (perf_counter), this process's CPU time, the broker's CPU time."""
+
+    wall: float
+    cpu: float
+    broker: float | None
+
+    @classmethod
+    def take(cls, broker_pid: int) -> Stamp:
+        return cls(time.perf_counter(), time.process_time(), broker_cpu_s(broker_pid))
+
+
+def cpu_per_job(start: Stamp, end: Stamp, jobs: int) -> Result:
+    """This process's CPU time (all threads) per job, and the broker's if it could be read.
+
+    Unlike a rate, this process's CPU time barely moves when other processes compete for the
+    cores. The broker's also counts whatever else the broker did meanwhile (other clients).
+    """
+    result = {"cpu_us_per_job": (end.cpu - start.cpu) / jobs * 1e6}
+    if start.broker is not None and end.broker is not None:
+        result["broker_cpu_us_per_job"] = (end.broker - start.broker) / jobs * 1e6
+    return result
+
+
+def throughput(start: Stamp, end: Stamp, jobs: int) -> Result:
+    return {"rate": jobs / (end.wall - start.wall)} | cpu_per_job(start, end, jobs)
+
+
 @dataclass(slots=True)
 class Countdown:
     """Counts handled jobs; ``done`` is set by the handler that completes the count."""
 
     target: int
+    broker_pid: int = 0
     count: int = 0
     first_at: float = 0.0
-    done_at: float = 0.0
-    cpu_done_at: float = 0.0  # time.process_time() when the count completed
+    end: Stamp | None = None  # when the count completed
     latencies_ms: list[float] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def tick(self, sent_at: float | None = None) -> None:
-        now = time.perf_counter()
         if sent_at is not None:
             self.latencies_ms.append((time.time() - sent_at) * 1000)
         self.count += 1
         if self.count == 1:
-            self.first_at = now
+            self.first_at = time.perf_counter()
         if self.count == self.target:
-            self.done_at = now
-            self.cpu_done_at = time.process_time()
+            self.end = Stamp.take(self.broker_pid)
             self.done.set()
 
-    def throughput(self, started: float, cpu_started: float) -> Result:
-        """From ``started`` (perf_counter) and ``cpu_started`` (process_time) to the last tick.
+    @property
+    def ended(self) -> Stamp:
+        if self.end is None:
+            raise RuntimeError(f"counted {self.count} of {self.target} jobs")
+        return self.end
 
-        ``cpu_us_per_job`` is this process's CPU time (all threads) per job: unlike the rate,
-        barely moved by other processes competing for the cores.
-        """
-        return {
-            "rate": self.target / (self.done_at - started),
-            "startup_ms": (self.first_at - started) * 1000,
-            "cpu_us_per_job": (self.cpu_done_at - cpu_started) / self.target * 1e6,
-        }
+    def throughput(self, start: Stamp) -> Result:
+        """From ``start`` to the last tick: rate, start-up time, CPU time per job."""
+        startup = {"startup_ms": (self.first_at - start.wall) * 1000}
+        return throughput(start, self.ended, self.target) | startup
 
     def latency(self) -> Result:
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aio_pika
+import bench_aiormq
 import bench_bj
 import bench_raw
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -31,10 +33,27 @@ from brokerjobs.settlement import parked_message
 from brokerjobs.topology import TopologyPlan, declare, parking_queue_name
 from brokerjobs.transport import Connection
 
-Side = Literal["raw", "bj"]
+Side = Literal["raw", "bj", "aiormq"]
 RUN_PY = Path(__file__).with_name("run.py")
 CHILD_GRACE_S = 30.0  # beyond the child's own deadline, before the parent kills it
 PARKED_EVERY = timedelta(milliseconds=50)  # between two prefilled parked jobs' failure times
+PRIORITY_LEVELS = 10  # the raw priority queue's x-max-priority (brokerjobs' default)
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where one contestant runs: its child module, exchange and queue, and brokerjobs tree."""
+
+    side: Side
+    exchange: str
+    queue: str
+    tree: str = ""  # a checkout to import brokerjobs from; "": this one
+
+
+def middleware_unavailable() -> str | None:
+    if bench_bj.middleware_api() is None:
+        return "no middleware API in this tree"
+    return None
 
 
 class BenchError(RuntimeError):
@@ -56,10 +75,28 @@ class Admin:
         self.parking = parking_queue_name(cfg.queue)
         self.retry_tier = self.plan.retry_tiers(cfg.queue)[0].name
         self._parked: list[OutgoingMessage] = []
+        self.raw_places = {
+            "pika": Place("raw", f"{cfg.exchange}.plain", f"{cfg.exchange}.plain.jobs"),
+            "aiormq": Place("aiormq", f"{cfg.exchange}.plain", f"{cfg.exchange}.plain.jobs"),
+            "prio": Place("raw", f"{cfg.exchange}.prio", f"{cfg.exchange}.prio.jobs"),
+        }
 
     async def declare(self) -> None:
-        """Declare brokerjobs' own topology for the app; both sides use its main queue."""
+        """Declare brokerjobs' own topology for the app (the replay and retry scenarios' raw
+        arms use its queues too), and the raw arms' plain and priority queues."""
         await declare(self._bj_connection, self.plan)
+        arguments = dict(self.plan.queue(self.main).arguments)
+        arguments.pop("x-max-priority", None)
+        await self._declare_raw(self.raw_places["pika"], arguments)
+        arguments["x-max-priority"] = PRIORITY_LEVELS
+        await self._declare_raw(self.raw_places["prio"], arguments)
+
+    async def _declare_raw(self, place: Place, arguments: dict[str, Any]) -> None:
+        exchange = await self._channel.declare_exchange(
+            place.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await self._channel.declare_queue(place.queue, durable=True, arguments=arguments)
+        await queue.bind(exchange, JOB_NAME)
 
     async def purge(self, queue: str | None = None) -> None:
         """Purge the main queue (or ``queue``)."""
@@ -99,27 +136,32 @@ class Admin:
                 raise BenchError(f"parked jobs {start}..{start + window} were not all confirmed")
         await self.expect_depth(count, f"after parking {count} job(s)", self.parking)
 
-    async def prefill(self, side: Side, count: int) -> None:
-        """Fill the queue with ``count`` jobs as that side's own publisher writes them."""
-        if side == "raw":
-            exchange = await self._channel.get_exchange(self._cfg.exchange, ensure=False)
-            jobs = [job_fields(i) for i in range(count)]
+    async def prefill(self, place: Place, count: int) -> None:
+        """Fill the place's queue with ``count`` jobs as its side's own publisher writes them
+        (another tree's brokerjobs prefills in a child: ``Bench.prefill``)."""
+        jobs = [job_fields(i) for i in range(count)] if place.side != "bj" else []
+        if place.side == "raw":
+            exchange = await self._channel.get_exchange(place.exchange, ensure=False)
             await bench_raw.publish_batch(exchange, jobs, self._cfg.window)
+        elif place.side == "aiormq":
+            channel = await self._channel.get_underlay_channel()
+            await bench_aiormq.publish_batch(channel, place.exchange, jobs, self._cfg.window)
         else:
             settings = bench_bj.make_settings(self._cfg)
-            async with Publisher(settings, exchange=self._cfg.exchange) as publisher:
+            async with Publisher(settings, exchange=place.exchange) as publisher:
                 await publisher.publish_many(bench_bj.make_jobs(count))
-        await self.expect_depth(count, f"after prefilling {count} {side} job(s)")
 
     async def cleanup(self) -> None:
         """Delete every queue of the plan and the exchange; never raises."""
         with contextlib.suppress(Exception):
             channel = await self._connection.channel()
-            for queue in self.plan.queues:
+            raw = {p.queue: p.exchange for p in self.raw_places.values()}
+            for queue in [*(q.name for q in self.plan.queues), *raw]:
                 with contextlib.suppress(Exception):
-                    await channel.queue_delete(queue.name)
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(self.plan.exchange)
+                    await channel.queue_delete(queue)
+            for exchange in (self.plan.exchange, *raw.values()):
+                with contextlib.suppress(Exception):
+                    await channel.exchange_delete(exchange)
 
 
 def _traceback() -> BaseException:
@@ -218,18 +260,48 @@ class Bench:
     round: int = 0
     repetition: int = 0  # within the round, for scenarios run more than once per round
     scenario: str = ""  # the one running (names profile files)
+    baseline: Place | None = None  # brokerjobs from another commit (--baseline)
+
+    def place(self, arm: str) -> Place:
+        """Where arm ``arm`` runs: raw arms on their own queues, brokerjobs (and ``raw`` in the
+        replay scenario) on the app's, the baseline on its own app's."""
+        if arm in self.admin.raw_places:
+            return self.admin.raw_places[arm]
+        if arm == "old" and self.baseline is not None:
+            return self.baseline
+        if arm == "raw":
+            return Place("raw", self.base.exchange, self.base.queue)
+        if arm == "bj":
+            return Place("bj", self.base.exchange, self.base.queue)
+        raise BenchError(f"arm {arm!r} has no place")
+
+    async def run(self, arm: str, task: str, **changes: Any) -> Result:
+        """Run ``task`` for ``arm`` in a fresh process, on the arm's place."""
+        place = self.place(arm)
+        where = {"exchange": place.exchange, "queue": place.queue, "tree": place.tree}
+        return await self.child(place.side, task, arm, **(where | changes))
+
+    async def prefill(self, arm: str, count: int) -> None:
+        """Fill the arm's queue with ``count`` jobs as its own publisher writes them."""
+        place = self.place(arm)
+        if place.tree:
+            await self.run(arm, "prefill", jobs=count)
+        else:
+            await self.admin.prefill(place, count)
+        await self.admin.expect_depth(count, f"after prefilling {count} {arm} job(s)", place.queue)
 
     @property
     def paced_retry_jobs(self) -> int:
         """Jobs of the paced retry run: a tenth of the drained ones (200: 1 s at 200/s)."""
         return max(1, self.retry_jobs // 10)
 
-    async def child(self, side: Side, task: str, **changes: Any) -> Result:
-        """Run ``task`` of ``side``'s module (bench_raw or bench_bj) in a fresh process."""
+    async def child(self, side: Side, task: str, arm: str = "", **changes: Any) -> Result:
+        """Run ``task`` of ``side``'s module (bench_raw, bench_aiormq or bench_bj) in a fresh
+        process; ``arm`` names its profile when it is not the side."""
         cfg = replace(self.base, **changes)
         profile = None
         if self.profile_dir is not None:
-            name = "-".join(filter(None, (self.scenario, side, task, cfg.variant)))
+            name = "-".join(filter(None, (self.scenario, arm or side, task, cfg.variant)))
             profile = self.profile_dir / f"{name}-round{self.round + 1}.{self.repetition + 1}.prof"
         return await spawn_child(side, task, cfg, profile)
 
@@ -240,7 +312,11 @@ async def spawn_child(side: Side, task: str, cfg: ChildConfig, profile: Path | N
     if profile is not None:
         argv += ["--profile-out", str(profile)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_child_env(cfg.tree),
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), cfg.timeout + CHILD_GRACE_S)
@@ -252,6 +328,18 @@ async def spawn_child(side: Side, task: str, cfg: ChildConfig, profile: Path | N
         tail = err.decode(errors="replace")[-3000:]
         raise BenchError(f"child {side}:{task} exited with {proc.returncode}:\n{tail}")
     return _parse_result(side, task, out.decode())
+
+
+def _child_env(tree: str) -> dict[str, str] | None:
+    """The child's environment: for another tree, that checkout first on PYTHONPATH.
+
+    PYTHONPATH entries come before the venv's editable install of this tree (a meta path finder
+    consulted after the path entries); the child checks where brokerjobs came from.
+    """
+    if not tree:
+        return None
+    paths = [tree, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _parse_result(side: Side, task: str, stdout: str) -> Result:

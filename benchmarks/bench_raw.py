@@ -30,10 +30,13 @@ from bench_common import (
     ChildConfig,
     Countdown,
     Result,
+    Stamp,
+    cpu_per_job,
     encode_fields,
     job_fields,
     paced,
     peak_rss_mb,
+    throughput,
 )
 from pamqp.commands import Basic
 
@@ -95,27 +98,27 @@ async def publish(cfg: ChildConfig) -> Result:
     jobs = [job_fields(i) for i in range(cfg.jobs)]
     connection, exchange = await _open(cfg)
     async with connection:
-        started = time.perf_counter()
+        start = Stamp.take(cfg.broker_pid)
         await publish_batch(exchange, jobs, cfg.window)
-        elapsed = time.perf_counter() - started
-    return {"rate": cfg.jobs / elapsed}
+        end = Stamp.take(cfg.broker_pid)
+    return throughput(start, end, cfg.jobs)
 
 
 async def consume(cfg: ChildConfig) -> Result:
     import_rss = peak_rss_mb()
-    countdown = Countdown(cfg.jobs)
+    countdown = Countdown(cfg.jobs, cfg.broker_pid)
 
     async def handler(_: dict[str, Any]) -> None:
         countdown.tick()
 
     acked = Countdown(cfg.jobs)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    start = Stamp.take(cfg.broker_pid)
     connection = await _consume(cfg, handler, acked)
     async with connection, asyncio.timeout(cfg.timeout):
         await countdown.done.wait()
         await acked.done.wait()
     rss = {"rss_mb": peak_rss_mb(), "import_rss_mb": import_rss}
-    return countdown.throughput(started, cpu_started) | rss
+    return countdown.throughput(start) | rss
 
 
 async def latency(cfg: ChildConfig) -> Result:
@@ -132,10 +135,11 @@ async def latency(cfg: ChildConfig) -> Result:
         await publish_one(exchange, job_fields(index, sent_at=time.time()))
 
     async with consumer, publisher, asyncio.timeout(cfg.timeout):
+        start = Stamp.take(0)  # no broker CPU: paced, the broker's time is mostly idle/others'
         await paced(cfg.jobs, cfg.rate, send)
         await countdown.done.wait()
         await acked.done.wait()
-    return countdown.latency()
+    return countdown.latency() | cpu_per_job(start, countdown.ended, cfg.jobs)
 
 
 def _moved_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
@@ -155,7 +159,7 @@ def _moved_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
 
 async def replay(cfg: ChildConfig) -> Result:
     moved = Countdown(cfg.jobs)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    start = Stamp.take(0)
     connection = await aio_pika.connect(cfg.url)
     async with connection, asyncio.timeout(cfg.timeout):
         reader = await connection.channel()
@@ -175,9 +179,8 @@ async def replay(cfg: ChildConfig) -> Result:
         await moved.done.wait()
         await reader.close()  # flushes the acks
         await writer.close()
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu_started
-    return {"rate": cfg.jobs / elapsed, "cpu_us_per_job": cpu / cfg.jobs * 1e6}
+        end = Stamp.take(0)
+    return throughput(start, end, cfg.jobs)
 
 
 TASKS: dict[str, Callable[[ChildConfig], Awaitable[Result]]] = {

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bench_common import Result
-from bench_scenarios import Metric, Scenario
+from bench_model import Arm, Metric, Scenario
 
 # The RESULT line names these first, in this order; other named values follow.
 RESULT_ORDER = (
@@ -39,20 +39,23 @@ class Results:
     def derived(self, scenario: Scenario, metric: Metric) -> list[float]:
         """``metric.derive`` over each round's (A, B) pair."""
         assert metric.derive is not None
-        a, b = (self.values(scenario, metric, arm.key) for arm in scenario.arms)
+        a = self.values(scenario, metric, scenario.others[0].key)
+        b = self.values(scenario, metric, scenario.subject_arm.key)
         return [metric.derive(x, y) for x, y in zip(a, b, strict=False)]
 
     def subject(self, scenario: Scenario, metric: Metric) -> list[float]:
-        """What the B column shows: B's samples, or the derived values."""
+        """What the B column shows: the subject's samples, or the derived values."""
         if metric.derive is not None:
             return self.derived(scenario, metric)
-        return self.values(scenario, metric, scenario.arms[1].key)
+        return self.values(scenario, metric, scenario.subject_arm.key)
 
-    def ratio(self, scenario: Scenario, metric: Metric) -> float | None:
-        """B/A of the medians; None for derived rows or when an arm has no samples."""
+    def ratio(self, scenario: Scenario, metric: Metric, other: Arm | None = None) -> float | None:
+        """Subject/other (default: A) of the medians; None for derived rows or when an arm has
+        no samples."""
         if metric.derive is not None:
             return None
-        a, b = (self.values(scenario, metric, arm.key) for arm in scenario.arms)
+        a = self.values(scenario, metric, (other or scenario.others[0]).key)
+        b = self.values(scenario, metric, scenario.subject_arm.key)
         if not a or not b or statistics.median(a) == 0:
             return None
         return statistics.median(b) / statistics.median(a)
@@ -109,41 +112,96 @@ def _row(cells: Iterable[str], widths: Iterable[int]) -> str:
 
 
 def _header(scenario: Scenario) -> list[str]:
-    a, b = scenario.arms
+    a, b = scenario.others[0], scenario.subject_arm
     return ["metric", "unit", a.title, b.title, f"{b.key}/{a.key}", "verdict"]
 
 
-def table(results: Results, scenarios: list[Scenario], params: Mapping[str, Any]) -> list[str]:
-    """One section per run of scenarios with the same arms, each under its own column titles."""
+def _unit(metric: Metric) -> str:
+    return metric.unit + (" ^" if metric.higher_is_better else " v")
+
+
+def _pair_rows(results: Results, scenario: Scenario, params: Mapping[str, Any]) -> list[list[str]]:
+    """Two arms: one row per metric, A and B side by side."""
+    a, b = scenario.others[0], scenario.subject_arm
+    rows = []
+    for metric in scenario.metrics:
+        ratio = results.ratio(scenario, metric)
+        derived = metric.derive is not None
+        verdict = _verdict(ratio, metric, b.key)
+        target = _target(results.value(scenario, metric), metric)
+        rows.append(
+            [
+                metric.label.format(**params),
+                _unit(metric),
+                "-" if derived else _cell(results.values(scenario, metric, a.key), metric),
+                _cell(results.subject(scenario, metric), metric),
+                f"{ratio:.3f}" if ratio is not None else "",
+                "; ".join(filter(None, (verdict, target))),
+            ]
+        )
+    return rows
+
+
+def _contest_rows(
+    results: Results, scenario: Scenario, params: Mapping[str, Any]
+) -> list[list[str]]:
+    """More arms: per metric, a title row and one row per arm, each with subject/that arm."""
+    subject = scenario.subject_arm
+    rows = [[scenario.name, "unit", "median (min-max)", f"{subject.key}/x", "verdict"]]
+    for metric in scenario.metrics:
+        label = metric.label.format(**params)
+        rows.append([label, _unit(metric), "", "", ""])
+        indent = " " * (len(label) - len(label.lstrip()) + 4)
+        for arm in scenario.arms:
+            if arm is subject:
+                cell = _cell(results.subject(scenario, metric), metric)
+                target = _target(results.value(scenario, metric), metric)
+                rows.append([indent + arm.title, "", cell, "", target])
+                continue
+            ratio = results.ratio(scenario, metric, arm)
+            rows.append(
+                [
+                    indent + arm.title,
+                    "",
+                    _cell(results.values(scenario, metric, arm.key), metric),
+                    f"{ratio:.3f}" if ratio is not None else "",
+                    _verdict(ratio, metric, subject.key),
+                ]
+            )
+    return rows
+
+
+def _sections(
+    results: Results, scenarios: list[Scenario], params: Mapping[str, Any]
+) -> list[list[list[str]]]:
+    """Consecutive two-arm scenarios with the same arms share a section; others get their own."""
     sections: list[list[list[str]]] = []
     for scenario in scenarios:
+        if len(scenario.arms) > 2:
+            sections.append(_contest_rows(results, scenario, params))
+            continue
         header = _header(scenario)
         if not sections or sections[-1][0] != header:
             sections.append([header])
-        a, b = scenario.arms
-        for metric in scenario.metrics:
-            ratio = results.ratio(scenario, metric)
-            derived = metric.derive is not None
-            verdict = _verdict(ratio, metric, b.key)
-            target = _target(results.value(scenario, metric), metric)
-            sections[-1].append(
-                [
-                    metric.label.format(**params),
-                    metric.unit + (" ^" if metric.higher_is_better else " v"),
-                    "-" if derived else _cell(results.values(scenario, metric, a.key), metric),
-                    _cell(results.subject(scenario, metric), metric),
-                    f"{ratio:.3f}" if ratio is not None else "",
-                    "; ".join(filter(None, (verdict, target))),
-                ]
-            )
-    rows = [row for section in sections for row in section]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        sections[-1] += _pair_rows(results, scenario, params)
+    return sections
+
+
+def table(results: Results, scenarios: list[Scenario], params: Mapping[str, Any]) -> list[str]:
+    """One section per run of scenarios with the same arms, each under its own column titles;
+    columns aligned across the sections of one layout."""
+    sections = _sections(results, scenarios, params)
+    widths: dict[int, list[int]] = {}
+    for row in (row for section in sections for row in section):
+        known = widths.setdefault(len(row), [0] * len(row))
+        widths[len(row)] = [max(w, len(cell)) for w, cell in zip(known, row, strict=True)]
     lines: list[str] = []
     for section in sections:
+        width = widths[len(section[0])]
         if lines:
             lines.append("")
-        lines += [_row(section[0], widths), "-" * (sum(widths) + 2 * (len(widths) - 1))]
-        lines += [_row(row, widths) for row in section[1:]]
+        lines += [_row(section[0], width), "-" * (sum(width) + 2 * (len(width) - 1))]
+        lines += [_row(row, width) for row in section[1:]]
     return lines
 
 
@@ -180,8 +238,10 @@ def result_line(results: Results, scenarios: list[Scenario]) -> str:
     named: dict[str, float | None] = {}
     for scenario in scenarios:
         for metric in scenario.metrics:
-            if metric.ratio_name is not None:
-                named[metric.ratio_name] = results.ratio(scenario, metric)
+            for arm in scenario.others:
+                if metric.ratio_name is not None and arm.suffix is not None:
+                    name = metric.ratio_name + (f"_{arm.suffix}" if arm.suffix else "")
+                    named[name] = results.ratio(scenario, metric, arm)
             if metric.value_name is not None:
                 named[metric.value_name] = results.value(scenario, metric)
     names = [n for n in RESULT_ORDER if n in named] + [n for n in named if n not in RESULT_ORDER]

@@ -1,78 +1,29 @@
 """The scenarios, in table order. Adding one = one decorated function here (plus, if it needs a
-new kind of child, a ``TASKS`` entry in bench_raw.py and/or bench_bj.py).
+new kind of child, a ``TASKS`` entry in bench_raw.py, bench_aiormq.py and/or bench_bj.py).
 
-A scenario compares two arms: a baseline (A) and a subject (B), usually raw aio-pika and
-brokerjobs, or brokerjobs without and with one feature. Its function prepares the broker, runs
-one arm once (usually in a child process via ``bench.child``), checks the broker afterwards and
-returns ``{metric key: value}``. It is called once per arm per round (``repeat`` times per round
-if set), the arms interleaved and alternating which goes first.
+Each scenario's function prepares the broker, runs one arm once (in a child process via
+``bench.run`` or ``bench.child``), checks the broker afterwards and returns ``{metric key:
+value}``. It is called once per arm per round (``repeat`` times per round if set), the arms
+interleaved and alternating which goes first. The arms and metrics are described in bench_model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-
 from bench_common import RETRY_DELAY_S, Result
-from bench_parent import Bench, BenchError, Side
+from bench_model import (
+    SCENARIOS,
+    Arm,
+    Metric,
+    Scenario,
+    contest,
+    difference,
+    overhead,
+    scenario,
+    vs_raw,
+)
+from bench_parent import Bench, BenchError, Side, middleware_unavailable
 
-Measure = Callable[[Bench, str], Awaitable[Result]]
-Derive = Callable[[float, float], float]  # (A sample, B sample) of one round -> derived value
-
-
-@dataclass(frozen=True, slots=True)
-class Metric:
-    key: str  # key in the arm's result
-    label: str  # may use {jobs}, {latency_jobs}, {retry_jobs}, {rate}, {prefetch}, {delay_ms}
-    unit: str  # "%": values are fractions, shown as percent
-    higher_is_better: bool
-    ratio_name: str | None = None  # named B/A ratio of medians in the RESULT line
-    value_name: str | None = None  # named B median (or derived median) in the RESULT line
-    derive: Derive | None = None  # a row computed from each round's (A, B) pair of `key`
-    target: float | None = None  # B's value (or the derived one) should reach this
-
-
-@dataclass(frozen=True, slots=True)
-class Arm:
-    key: str  # short name: progress lines, legend, ratio column ("bj/raw")
-    title: str  # column title in the table
-    does: str  # legend: what this arm does
-
-
-@dataclass(frozen=True, slots=True)
-class Scenario:
-    name: str
-    metrics: tuple[Metric, ...]
-    arms: tuple[Arm, Arm]  # (A baseline, B subject); ratios are B/A
-    measure: Measure
-    repeat: int = 1  # runs of each arm per round (more pairs where the effect is small)
-
-
-SCENARIOS: list[Scenario] = []
-
-
-def vs_raw(raw: str, bj: str) -> tuple[Arm, Arm]:
-    """The usual arms: raw aio-pika (A) against brokerjobs (B)."""
-    return Arm("raw", "raw aio-pika", raw), Arm("bj", "brokerjobs", bj)
-
-
-def scenario(
-    name: str, *metrics: Metric, arms: tuple[Arm, Arm], repeat: int = 1
-) -> Callable[[Measure], Measure]:
-    def register(measure: Measure) -> Measure:
-        SCENARIOS.append(Scenario(name, metrics, arms, measure, repeat))
-        return measure
-
-    return register
-
-
-def difference(a: float, b: float) -> float:
-    return b - a
-
-
-def overhead(a: float, b: float) -> float:
-    """How much slower B is than A, as a fraction of A's throughput: 1 - B/A."""
-    return 1 - b / a
+__all__ = ["SCENARIOS", "Scenario"]
 
 
 def _side(arm: str) -> Side:
@@ -84,22 +35,32 @@ def _side(arm: str) -> Side:
     raise BenchError(f"arm {arm!r} is neither raw nor bj")
 
 
+CLIENT_CPU = Metric("cpu_us_per_job", "  client process CPU time per job", "us", False)
+BROKER_CPU = Metric("broker_cpu_us_per_job", "  broker CPU time per job", "us", False)
+
+
 @scenario(
     "publish",
     Metric("rate", "publish {jobs} jobs, confirmed", "msg/s", True, "publish_ratio"),
-    arms=vs_raw(
-        raw="exchange.publish(Message(json bytes, PERSISTENT, content_type, message_id), "
+    CLIENT_CPU,
+    BROKER_CPU,
+    arms=contest(
+        aiormq="channel.basic_publish(json bytes, properties(delivery_mode 2, content_type, "
+        "message_id), mandatory=True) per job, asyncio.gather in windows of 1000, each "
+        "confirm checked",
+        pika="exchange.publish(Message(json bytes, PERSISTENT, content_type, message_id), "
         "mandatory=True) per job, asyncio.gather in windows of 1000, each confirm checked",
         bj="Publisher.publish_many(@job pydantic models): to_json, message id, headers, "
         "pipelined confirms (publish_window=1000)",
     ),
+    subject="bj",
 )
 async def publish(bench: Bench, arm: str) -> Result:
-    side = _side(arm)
-    await bench.admin.purge()
-    result = await bench.child(side, "publish")
-    await bench.admin.expect_depth(bench.base.jobs, f"after {side} publish")
-    await bench.admin.purge()
+    queue = bench.place(arm).queue
+    await bench.admin.purge(queue)
+    result = await bench.run(arm, "publish")
+    await bench.admin.expect_depth(bench.base.jobs, f"after {arm} publish", queue)
+    await bench.admin.purge(queue)
     return result
 
 
@@ -108,20 +69,28 @@ async def publish(bench: Bench, arm: str) -> Result:
     Metric("rate", "drain {jobs} jobs, prefetch {prefetch}", "msg/s", True, "consume_ratio"),
     Metric("startup_ms", "  of which: start to first job", "ms", False),
     Metric("cpu_us_per_job", "  consumer CPU time per job", "us", False),
+    BROKER_CPU,
     Metric("rss_mb", "consumer process peak RSS", "MiB", False, "rss_ratio"),
     Metric("import_rss_mb", "  of which: after imports", "MiB", False),
-    arms=vs_raw(
-        raw="queue.consume(cb): cb json.loads the body, awaits a no-op handler, message.ack()",
+    arms=contest(
+        aiormq="basic_consume(cb), manual acks: cb json.loads the body, awaits a no-op "
+        "handler, basic_ack(delivery_tag)",
+        pika="queue.consume(cb): cb json.loads the body, awaits a no-op handler, message.ack()",
         bj="Worker + App, one async no-op handler: body validated into the pydantic model, "
         "job context, timeout, ack",
     ),
+    subject="bj",
 )
 async def consume(bench: Bench, arm: str) -> Result:
-    side = _side(arm)
-    await bench.admin.purge()
-    await bench.admin.prefill(side, bench.base.jobs)
-    result = await bench.child(side, "consume")
-    await bench.admin.expect_depth(0, f"after {side} consume")
+    return await _drain(bench, arm, arm, "")
+
+
+async def _drain(bench: Bench, arm: str, place: str, variant: str) -> Result:
+    queue = bench.place(place).queue
+    await bench.admin.purge(queue)
+    await bench.prefill(place, bench.base.jobs)
+    result = await bench.run(place, "consume", variant=variant)
+    await bench.admin.expect_depth(0, f"after {arm} consume", queue)
     return result
 
 
@@ -135,16 +104,19 @@ async def consume(bench: Bench, arm: str) -> Result:
         "latency_p50_ratio",
     ),
     Metric("p99_ms", "publish->handler p99", "ms", False),
-    arms=vs_raw(
-        raw="one process: confirmed exchange.publish paced at the rate; queue.consume as above",
+    Metric("cpu_us_per_job", "  process CPU time per job (publish + consume)", "us", False),
+    arms=contest(
+        aiormq="one process: confirmed basic_publish paced at the rate; basic_consume as above",
+        pika="one process: confirmed exchange.publish paced at the rate; queue.consume as above",
         bj="one process: Publisher.publish paced at the rate; Worker as above",
     ),
+    subject="bj",
 )
 async def latency(bench: Bench, arm: str) -> Result:
-    side = _side(arm)
-    await bench.admin.purge()
-    result = await bench.child(side, "latency", jobs=bench.latency_jobs)
-    await bench.admin.expect_depth(0, f"after {side} latency")
+    queue = bench.place(arm).queue
+    await bench.admin.purge(queue)
+    result = await bench.run(arm, "latency", jobs=bench.latency_jobs)
+    await bench.admin.expect_depth(0, f"after {arm} latency", queue)
     return result
 
 
@@ -228,7 +200,7 @@ async def replay(bench: Bench, arm: str) -> Result:
 async def retry(bench: Bench, arm: str) -> Result:
     admin, jobs = bench.admin, bench.retry_jobs
     await admin.purge()
-    await admin.prefill("bj", jobs)
+    await bench.prefill("bj", jobs)
     result = await bench.child("bj", "retry", jobs=jobs, variant=arm)
     await _expect_retry_queues_empty(bench, arm)
     if arm == "fail":
@@ -307,7 +279,7 @@ async def telemetry_sampled(bench: Bench, arm: str) -> Result:
 async def _telemetry_run(bench: Bench, arm: str, variant: str, *, sampled: bool) -> Result:
     admin, jobs = bench.admin, bench.base.jobs
     await admin.purge()
-    await admin.prefill("bj", jobs)
+    await bench.prefill("bj", jobs)
     result = await bench.child("bj", "consume", variant=variant if arm == "on" else "")
     await admin.expect_depth(0, f"after the {variant}-{arm} consume")
     if arm == "on":
@@ -318,3 +290,33 @@ async def _telemetry_run(bench: Bench, arm: str, variant: str, *, sampled: bool)
                 f"consumed messages counted for {jobs} jobs"
             )
     return result
+
+
+@scenario(
+    "consume-noop-middleware",
+    Metric(
+        "rate", "drain {jobs} jobs, prefetch {prefetch}", "msg/s", True, "noop_middleware_ratio"
+    ),
+    Metric("cpu_us_per_job", "  consumer CPU time per job", "us", False),
+    Metric("rss_mb", "consumer process peak RSS", "MiB", False),
+    arms=(
+        Arm(
+            "old",
+            "baseline, none",
+            "the consume scenario's Worker from --baseline REV, without middleware",
+            suffix="baseline",
+            baseline=True,
+        ),
+        Arm("bj", "no middleware", "the consume scenario's Worker, no middleware configured"),
+        Arm(
+            "mw",
+            "1 no-op middleware",
+            "the same Worker with one middleware that overrides no hook (bench_bj.middleware_api)",
+        ),
+    ),
+    unavailable=middleware_unavailable,
+)
+async def noop_middleware(bench: Bench, arm: str) -> Result:
+    if arm == "mw":
+        return await _drain(bench, arm, "bj", "noop-middleware")
+    return await _drain(bench, arm, arm, "")

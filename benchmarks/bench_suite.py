@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import signal
@@ -10,13 +11,15 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench_common import RETRY_DELAY_S, ChildConfig, Result
-from bench_parent import Bench, open_admin
+from bench_host import Checkout, broker_pid, checkout
+from bench_parent import Bench, BenchError, Place, open_admin
 from bench_report import Results, legend, result_line, table
 from bench_scenarios import SCENARIOS, Scenario
 
@@ -33,10 +36,26 @@ class Options:
     profile_dir: Path | None
     quick: bool = False  # a smoke test: each scenario once per arm
     only: tuple[str, ...] = ()  # scenario names to run; empty: all
+    baseline: str | None = None  # a git revision whose brokerjobs is one more contestant
 
     @property
     def scenarios(self) -> list[Scenario]:
-        return [s for s in SCENARIOS if not self.only or s.name in self.only]
+        """The chosen scenarios, without baseline arms unless there is a baseline."""
+        chosen = [s for s in SCENARIOS if not self.only or s.name in self.only]
+        keep = self.baseline is not None
+        return [replace(s, arms=tuple(a for a in s.arms if keep or not a.baseline)) for s in chosen]
+
+
+def _available(scenarios: list[Scenario]) -> tuple[list[Scenario], list[str]]:
+    """The scenarios this tree can run, and a line for each one skipped."""
+    runnable, skipped = [], []
+    for s in scenarios:
+        reason = s.unavailable() if s.unavailable is not None else None
+        if reason is None:
+            runnable.append(s)
+        else:
+            skipped.append(f"{s.name}: skipped: {reason}")
+    return runnable, skipped
 
 
 def _names() -> tuple[str, str]:
@@ -66,11 +85,11 @@ def _progress(
     )
 
 
-async def _run_rounds(bench: Bench, options: Options) -> Results:
+async def _run_rounds(bench: Bench, options: Options, scenarios: list[Scenario]) -> Results:
     results = Results()
     for round_index in range(options.rounds):
         bench.round = round_index
-        for scenario in options.scenarios:
+        for scenario in scenarios:
             bench.scenario = scenario.name
             for repetition in range(1 if options.quick else scenario.repeat):
                 bench.repetition = repetition
@@ -98,18 +117,63 @@ def _revision() -> str:
     return f"{head or 'unknown'}{' + uncommitted changes' if dirty else ''}"
 
 
-def _header(options: Options, elapsed: float) -> list[str]:
+def _header(options: Options, elapsed: float, bench: Bench, tree: Checkout | None) -> list[str]:
     host = urlsplit(options.url).hostname
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
-        f"brokerjobs ({_revision()}) vs raw aio-pika: {options.jobs} jobs, "
+        f"brokerjobs ({_revision()}) vs raw aiormq and aio-pika: {options.jobs} jobs, "
         f"{options.rounds} round(s); cells: median (min-max) over rounds; ^ higher is better, "
         "v lower is better",
         f"RabbitMQ at {host}; Python {platform.python_version()}, aio-pika {version('aio-pika')}, "
-        f"pydantic {version('pydantic')}; {os.cpu_count()} CPU(s); took {elapsed:.0f}s",
+        f"aiormq {version('aiormq')}, pydantic {version('pydantic')}; {os.cpu_count()} CPU(s), "
+        f"load average at the end {load}; took {elapsed:.0f}s",
+        _broker_line(bench.base.broker_pid),
+        f"brokerjobs' main queue: {_arguments(bench)}; the raw plain queue: the same without "
+        "x-max-priority; the raw priority queue: the same with x-max-priority=10",
     ]
+    if tree is not None:
+        lines.append(
+            f"baseline: {tree.rev} = {tree.commit} ({tree.subject}), from a temporary git "
+            "worktree (removed)"
+        )
     if options.profile_dir is not None:
         lines.append(f"PROFILED under cProfile (figures inflated): stats in {options.profile_dir}")
     return lines
+
+
+def _arguments(bench: Bench) -> str:
+    arguments = bench.admin.plan.queue(bench.admin.main).arguments
+    return " ".join(f"{key}={value!r}" for key, value in sorted(arguments.items())) or "-"
+
+
+def _broker_line(pid: int) -> str:
+    if not pid:
+        return "broker CPU: not measured (no single beam.smp process found for the port)"
+    return (
+        f"broker CPU: utime+stime of beam.smp pid {pid} around each measured phase; it counts "
+        "everything the broker did meanwhile, other clients included"
+    )
+
+
+@contextlib.asynccontextmanager
+async def _baseline(bench: Bench, rev: str | None) -> AsyncIterator[Checkout | None]:
+    """With a revision: its worktree, its app's topology declared by its own worker, deleted
+    (queues and exchange) and the worktree removed at the end."""
+    if rev is None:
+        yield None
+        return
+    with checkout(rev) as tree:
+        exchange = f"{bench.base.exchange}.old"
+        bench.baseline = Place("bj", exchange, f"{exchange}.jobs", str(tree.path))
+        try:
+            await bench.run("old", "declare")
+            yield tree
+        finally:
+            bench.scenario = ""
+            try:
+                await bench.run("old", "delete")
+            except BenchError as exc:
+                print(f"baseline clean-up failed: {exc}", file=sys.stderr)
 
 
 def _cancel_on_signals() -> None:
@@ -131,12 +195,17 @@ async def run_suite(options: Options) -> None:
         prefetch=options.prefetch,
         rate=options.rate,
         timeout=_child_timeout(options),
+        broker_pid=broker_pid(urlsplit(options.url).port or 5672) or 0,
     )
     started = time.monotonic()
     _cancel_on_signals()
+    scenarios, skipped = _available(options.scenarios)
+    for line in skipped:
+        print(line, file=sys.stderr, flush=True)
     async with open_admin(cfg) as admin:
         bench = Bench(admin, cfg, options.latency_jobs, options.retry_jobs, options.profile_dir)
-        results = await _run_rounds(bench, options)
+        async with _baseline(bench, options.baseline) as tree:
+            results = await _run_rounds(bench, options, scenarios)
     params = {
         "jobs": options.jobs,
         "latency_jobs": options.latency_jobs,
@@ -147,11 +216,12 @@ async def run_suite(options: Options) -> None:
         "prefetch": options.prefetch,
     }
     lines = [
-        *_header(options, time.monotonic() - started),
+        *_header(options, time.monotonic() - started, bench, tree),
         "",
-        *table(results, options.scenarios, params),
+        *(table(results, scenarios, params) if scenarios else []),
+        *skipped,
         "",
-        *legend(options.scenarios),
-        result_line(results, options.scenarios),
+        *legend(scenarios),
+        result_line(results, scenarios),
     ]
     print("\n".join(lines), flush=True)

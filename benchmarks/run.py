@@ -1,13 +1,15 @@
-"""brokerjobs vs raw aio-pika on the local broker: publish, consume, latency, consumer RSS and
-parked-job replay; and brokerjobs alone: the cost of a retry hop, and of telemetry.
+"""brokerjobs vs raw aiormq and aio-pika on the local broker: publish, consume, latency, client
+and broker CPU per job, consumer RSS and parked-job replay; and brokerjobs alone: the cost of a
+retry hop, of telemetry and of a no-op middleware.
 
-    python benchmarks/run.py              # full run (10,000 jobs, 3 rounds), about 3 minutes
-    python benchmarks/run.py --quick      # smoke test in seconds
+    python benchmarks/run.py                     # full run (10,000 jobs, 3 rounds), ~8 minutes
+    python benchmarks/run.py --quick             # smoke test in seconds
+    python benchmarks/run.py --baseline HEAD~1   # brokerjobs of HEAD~1 as one more contestant
 
 The last line is ``RESULT consume_ratio=.. publish_ratio=.. latency_p50_ratio=.. rss_ratio=..
 replay_rate=.. retry_hop_ms=.. telemetry_overhead=.. replay_ratio=.. retry_extra_ms=..
-retry_hop_paced_ms=.. telemetry_overhead_sampled=..`` (ratios are brokerjobs / raw aio-pika).
-See benchmarks/README.md.
+retry_hop_paced_ms=.. telemetry_overhead_sampled=.. publish_ratio_aiormq=.. ...`` (ratios are
+brokerjobs / the other arm). See benchmarks/README.md.
 
 Internally, ``--child SIDE:TASK --config JSON`` runs one measurement in this fresh process and
 prints ``BENCH_RESULT {json}``; the parent starts those children.
@@ -28,7 +30,7 @@ from bench_common import RESULT_MARK, ChildConfig
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-SIDE_MODULES = {"raw": "bench_raw", "bj": "bench_bj"}
+SIDE_MODULES = {"raw": "bench_raw", "bj": "bench_bj", "aiormq": "bench_aiormq"}
 QUICK = {"jobs": 500, "rounds": 1, "latency_jobs": 100, "retry_jobs": 200}
 
 
@@ -50,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", metavar="NAMES", default="", help="comma-separated scenarios to run (default all)"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the brokerjobs arms with brokerjobs from git revision REV (e.g. HEAD~1)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", type=Path, help=argparse.SUPPRESS)
@@ -70,8 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_child(spec: str, config: str, profile_out: Path | None) -> None:
     """Child mode: run one side's task and print its result for the parent."""
     side, task = spec.split(":", 1)
+    cfg = ChildConfig.from_json(config)
     module = importlib.import_module(SIDE_MODULES[side])
-    coroutine = module.TASKS[task](ChildConfig.from_json(config))
+    if cfg.tree:
+        _check_tree(Path(cfg.tree))
+    coroutine = module.TASKS[task](cfg)
     if profile_out is None:
         result = asyncio.run(coroutine)
     else:
@@ -83,19 +93,37 @@ def run_child(spec: str, config: str, profile_out: Path | None) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
+def _check_tree(tree: Path) -> None:
+    """A baseline child must run the baseline's brokerjobs, not this tree's."""
+    loaded = sys.modules.get("brokerjobs")
+    where = Path(loaded.__file__ or "") if loaded is not None else None
+    if where is None or not where.resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"brokerjobs was imported from {where}, not from the baseline {tree}")
+
+
+def _chosen(only: str, known: list[str]) -> tuple[str, ...] | None:
+    """The scenario names of ``--only``; None (after saying why) if one is unknown."""
+    chosen = tuple(name for name in only.split(",") if name)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        print(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(known)}",
+            file=sys.stderr,
+        )
+        return None
+    return chosen
+
+
 def run_parent(args: argparse.Namespace) -> int:
     # Imported here: they import brokerjobs, which a raw child must never load.
+    from bench_host import GitError
     from bench_parent import BenchError
     from bench_scenarios import SCENARIOS
     from bench_suite import Options, run_suite
 
-    only = tuple(name for name in args.only.split(",") if name)
-    unknown = sorted(set(only) - {s.name for s in SCENARIOS})
-    if unknown:
-        known = ", ".join(s.name for s in SCENARIOS)
-        print(f"unknown scenario(s) {', '.join(unknown)}; choose from {known}", file=sys.stderr)
+    only = _chosen(args.only, [s.name for s in SCENARIOS])
+    if only is None:
         return 2
-
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     options = Options(
@@ -109,13 +137,14 @@ def run_parent(args: argparse.Namespace) -> int:
         profile_dir=args.profile,
         quick=args.quick,
         only=only,
+        baseline=args.baseline,
     )
     try:
         asyncio.run(run_suite(options))
     except (asyncio.CancelledError, KeyboardInterrupt):
         print("benchmark interrupted", file=sys.stderr)
         return 130
-    except BenchError as exc:
+    except (BenchError, GitError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
