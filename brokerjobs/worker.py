@@ -86,14 +86,20 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """Connected, and a live consumer on every queue this worker should consume."""
+        """Connected, hearing from the broker, and a live consumer on every queue."""
         session = self._session
-        if session is None or session.connection.is_closed:
+        if session is None or session.connection.is_closed or not self._hears_broker(session):
             return False
         live = {c.queue for ch, _, c in session.consumers if not ch.is_closed}
         return live == set(self.queues) and all(
             not ch.consumer_cancelled.done() for ch in session.channels
         )
+
+    def _hears_broker(self, session: _Session) -> bool:
+        """False once no frame came for two heartbeat timeouts (the broker sends one every half
+        timeout): a partitioned connection is unready long before aiormq declares it dead."""
+        heartbeat = self.settings.heartbeat
+        return heartbeat == 0 or session.connection.silent_for() <= 2 * heartbeat
 
     def stop(self) -> None:
         self._stop.set()
