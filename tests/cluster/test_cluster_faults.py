@@ -25,7 +25,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -34,13 +34,7 @@ from pydantic import BaseModel
 from brokerjobs import App, Publisher, PublishError, RetryPolicy, Settings, Worker, current_job, job
 from brokerjobs.topology import TopologyPlan
 from brokerjobs.transport import connect
-from tests.support.cluster import (
-    ClusterError,
-    FailoverProxy,
-    Node,
-    RabbitCluster,
-    running_cluster,
-)
+from tests.support.cluster import ClusterError, FailoverProxy, Node, RabbitCluster
 
 pytestmark = pytest.mark.slow
 
@@ -58,16 +52,6 @@ STALL_S = 15.0  # ...and never this long without progress
 @job("cluster.work")
 class Work(BaseModel):
     n: int
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RabbitCluster]:
-    """Three fresh nodes; a cluster that cannot start fails the test (never skips)."""
-    try:
-        with running_cluster() as started:
-            yield started
-    except ClusterError as exc:
-        pytest.fail(f"could not run the 3-node test cluster: {exc}", pytrace=False)
 
 
 @dataclass

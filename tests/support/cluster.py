@@ -163,7 +163,14 @@ class Node:
 class RabbitCluster:
     """Three RabbitMQ nodes (``bjca``, ``bjcb``, ``bjcc``) clustered on loopback."""
 
-    def __init__(self, root: Path = ROOT, names: Sequence[str] = NODE_NAMES) -> None:
+    def __init__(
+        self,
+        root: Path = ROOT,
+        names: Sequence[str] = NODE_NAMES,
+        dlx_confirm_timeout_ms: int | None = DLX_CONFIRM_TIMEOUT_MS,
+    ) -> None:
+        """``dlx_confirm_timeout_ms=None`` keeps RabbitMQ's default (180 000 ms)."""
+        self.dlx_confirm_timeout_ms = dlx_confirm_timeout_ms
         root.mkdir(parents=True, exist_ok=True)
         reap_stale_runs(root)
         self.dir = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root))
@@ -221,7 +228,8 @@ class RabbitCluster:
         # At-least-once dead-lettering (quorum retry tiers -> main queue) re-sends a dead letter
         # whose target did not confirm only after this timeout (RabbitMQ default 180 s). A leader
         # failover can leave dead letters waiting for it; 5 s keeps them inside the test's time.
-        setting = f"{{dead_letter_worker_publisher_confirm_timeout, {DLX_CONFIRM_TIMEOUT_MS}}}"
+        timeout = self.dlx_confirm_timeout_ms
+        setting = f"{{dead_letter_worker_publisher_confirm_timeout, {timeout}}}" if timeout else ""
         (node.dir / "advanced.config").write_text(f"[{{rabbit, [{setting}]}}].\n")
         (node.dir / "rabbitmq.conf").write_text(
             "\n".join(
@@ -440,6 +448,16 @@ class RabbitCluster:
         numbers = re.findall(r"-?\d+", output.splitlines()[0] if output else "")
         return dict(zip(keys, map(int, numbers), strict=False))
 
+    def queue_counters(self, via: Node) -> dict[str, dict[str, int]]:
+        """Per queue: messages, ready, unacked and ``messages_dlx`` (quorum queues: dead letters
+        held for an at-least-once dead-letter confirm; AMQP's declare-ok never counts them)."""
+        keys = ("messages", "messages_ready", "messages_unacknowledged", "messages_dlx")
+        rows = self.ctl_json(via, "list_queues", "name", *keys)
+        return {
+            str(row["name"]): {k: int(row[k]) for k in keys if isinstance(row.get(k), int)}
+            for row in rows
+        }
+
     def wait_caught_up(self, queues: Sequence[str], via: Node, timeout: float = 60.0) -> None:
         """Wait until every queue has all members online and all commit indexes equal."""
         deadline = time.monotonic() + timeout
@@ -468,9 +486,11 @@ def _norm(key: str) -> str:
 
 
 @contextlib.contextmanager
-def running_cluster() -> Iterator[RabbitCluster]:
+def running_cluster(
+    dlx_confirm_timeout_ms: int | None = DLX_CONFIRM_TIMEOUT_MS,
+) -> Iterator[RabbitCluster]:
     """A started 3-node cluster, killed (by pid file) when the block exits, even on failure."""
-    cluster = RabbitCluster()
+    cluster = RabbitCluster(dlx_confirm_timeout_ms=dlx_confirm_timeout_ms)
     try:
         cluster.start()
         yield cluster
