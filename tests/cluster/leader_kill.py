@@ -1,12 +1,14 @@
 """Measure whether killing a quorum leader strands at-least-once dead letters, and for how long.
 
 Not a test (slow, and the outcome is the broker's): ``python -m tests.cluster.leader_kill
---runs 5 [--dlx-confirm-timeout-ms N]`` starts one 3-node cluster and per run: declares a fresh
-quorum app from one node (so that node leads the main queue, its 1 s retry tier and its parking
-queue), publishes jobs that all fail once, SIGKILLs that node mid-stream, restarts it 10 s
-later, and samples every second what the broker holds: per queue ``messages_ready`` (all that
-AMQP's declare-ok, hence ``brokerjobs stats``, shows) and ``messages_dlx`` (dead letters waiting
-for the target's confirm). A run ends when every confirmed job completed, or at ``--cap``.
+--runs 5 [--split] [--dlx-confirm-timeout-ms N] [--chroot /srv/rmq4]`` starts one 3-node
+cluster (``--chroot``: of the RabbitMQ installed there, e.g. 4.0 in a Debian 13 chroot) and per run:
+declares a fresh quorum app from one node (so that node leads the main queue, its 1 s retry
+tier and its parking queue; with ``--split`` the retry tier is led by a node that survives),
+publishes jobs that all fail once, SIGKILLs that node mid-stream, restarts it 10 s later, and
+samples every second what the broker holds: per queue ``messages_ready`` (all that AMQP's
+declare-ok, hence ``brokerjobs stats``, shows) and ``messages_dlx`` (dead letters waiting for
+the target's confirm). A run ends when every confirmed job completed, or at ``--cap``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import collections
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job, job
+from brokerjobs.topology import QueuePlan
+from brokerjobs.transport import connect
 from tests.support.cluster import ClusterError, Node, RabbitCluster, running_cluster
 
 JOBS = 1000
@@ -52,13 +57,25 @@ async def sample(cluster: RabbitCluster, queues: list[str], via: Node) -> dict[s
         return {"error": str(exc)[:120]}
 
 
-async def one_run(cluster: RabbitCluster, index: int, cap: float) -> dict[str, Any]:
+async def lead_from(node: Node, queue: QueuePlan) -> None:
+    """Declare ``queue`` through ``node``: RabbitMQ places a new quorum queue's leader on the
+    node the declaring client is connected to (queue_leader_locator client-local)."""
+    connection = await connect(Settings(url=node.url), "leader-kill")
+    try:
+        await (await connection.channel(confirms=False)).declare_queue(queue.name, queue.arguments)
+    finally:
+        await connection.close()
+
+
+async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -> dict[str, Any]:
     leader = cluster.nodes[index % 3]
     others = [n for n in cluster.nodes if n is not leader]
     done: collections.Counter[str] = collections.Counter()
     app = build_app(f"bjlk{index}x{int(time.time()) % 10000}", done)
     queues = [q.name for q in app.topology().queues]
     retry = next(q.name for q in app.topology().queues if q.role == "retry")
+    if split:  # the retry tier (and its dead-letter worker) on a node that survives
+        await lead_from(others[0], app.topology().queue(retry))
     worker = Worker(app, Settings(url=",".join(n.url for n in [leader, *others]), prefetch=50))
     running = asyncio.create_task(worker.run())
     confirmed: set[str] = set()
@@ -144,10 +161,14 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cap", type=float, default=420.0)
     parser.add_argument("--dlx-confirm-timeout-ms", type=int, default=None)
+    parser.add_argument("--split", action="store_true", help="retry tier led by a survivor")
+    parser.add_argument("--chroot", type=Path, help="another RabbitMQ, e.g. /srv/rmq4 (4.0)")
     args = parser.parse_args()
-    with running_cluster(dlx_confirm_timeout_ms=args.dlx_confirm_timeout_ms) as cluster:
+    timeout = args.dlx_confirm_timeout_ms
+    with running_cluster(dlx_confirm_timeout_ms=timeout, chroot=args.chroot) as cluster:
+        print(cluster.ctl(cluster.nodes[0], "eval", "rabbit_misc:version()."), flush=True)
         for index in range(args.runs):
-            result = await one_run(cluster, index, args.cap)
+            result = await one_run(cluster, index, args.cap, args.split)
             timeline = result.pop("timeline")
             print(json.dumps(result), flush=True)
             for i, line in enumerate(timeline):
