@@ -7,7 +7,6 @@ worker taking over the prefetched jobs, is in tests/cluster.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from pydantic import BaseModel
