@@ -266,6 +266,10 @@ class RabbitCluster:
 
     def start(self) -> None:
         """Start epmd and the three nodes, then join the 2nd and 3rd to the 1st."""
+        if self.chroot is not None and not (self.chroot / "proc" / "self").exists():
+            raise ClusterError(
+                f"{self.chroot}/proc is not mounted: mount -t proc proc {self.chroot}/proc"
+            )
         (self.dir / "empty-env.conf").write_text("")
         self._start_epmd()
         for node in self.nodes:
