@@ -12,10 +12,11 @@ works too: test_cluster_partition.py uses one.)
 
 Known RabbitMQ 3.10.8 behaviour: after the leader kill, retries being dead-lettered from the
 retry tier back to the main queue can stay held in the tier's at-least-once dead-letter state
-(``messages_dlx``; measured by ``python -m tests.cluster.leader_kill``: 750 held in 1 run of 5,
-released by ``dead_letter_worker_publisher_confirm_timeout``, 180 s by default and 5 s on this
-test's nodes). They are not lost: when the test sees no progress, it first restarts the worker
-(jobs stuck unacked would show up then, and fail the test), then restarts the killed node, as
+(``messages_dlx``; ``python -m tests.cluster.leader_kill`` measured 750 held in 2 runs of 5).
+They come back once the killed node runs again *and* the broker's
+``dead_letter_worker_publisher_confirm_timeout`` (180 s by default, 5 s on these nodes) has
+passed. They are not lost: when the test sees no progress, it first restarts the worker (jobs
+stuck unacked would show up then, and fail the test), then restarts the killed node, as
 operations would, and every held job is processed. The report counts them as
 ``held_until_heal``.
 """
