@@ -170,6 +170,10 @@ async def held_in_dead_letter_state(
 ) -> int:
     """Log every queue's Raft-state counts; return the dead letters held in the retry tiers."""
     held = 0
+    with contextlib.suppress(ClusterError):
+        names = [q.name for q in topology.queues]
+        counters = await asyncio.to_thread(cluster.queue_counters, names, via)
+        note(f"broker counters (stats sees messages_ready only): {counters}")
     for queue in topology.queues:
         with contextlib.suppress(ClusterError):
             overview = await asyncio.to_thread(cluster.fifo_overview, queue.name, via)
