@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,13 +94,15 @@ async def publish(publisher: Publisher, tally: Tally, start: int, count: int) ->
     tally.confirmed.update(ids)
 
 
-async def trickle(publisher: Publisher, tally: Tally, start: int) -> None:
-    """Keep both workers fed during the cut: TRICKLE_PER_S confirmed jobs a second."""
+async def trickle(publisher: Publisher, tally: Tally, start: int, stop: asyncio.Event) -> None:
+    """Keep both workers fed during the cut: TRICKLE_PER_S confirmed jobs a second. Stopped
+    between batches, so that every job published is counted as confirmed."""
     n = start
-    while True:
+    while not stop.is_set():
         await publish(publisher, tally, n, TRICKLE_PER_S // 4)
         n += TRICKLE_PER_S // 4
-        await asyncio.sleep(0.25)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
 
 
 async def test_a_silently_partitioned_worker_fails_over_and_loses_nothing(
@@ -136,7 +139,8 @@ async def cut_worker_1(
     """Blackhole worker 1's node while it holds a full prefetch, until it works elsewhere."""
     await publish(publisher, tally, 0, BACKLOG)
     await until(lambda: len(tally.done["w1"]) >= PREFETCH, 30, "worker 1 busy")
-    feeding = asyncio.create_task(trickle(publisher, tally, BACKLOG))
+    stop_feeding = asyncio.Event()
+    feeding = asyncio.create_task(trickle(publisher, tally, BACKLOG, stop_feeding))
     try:
         proxy.blackhole()
         cut = tally.cut_at = time.monotonic()
@@ -151,8 +155,8 @@ async def cut_worker_1(
         done = len(tally.done["w1"])
         await until(lambda: len(tally.done["w1"]) > done, 20, "worker 1 working again")
     finally:
-        feeding.cancel()
-        await asyncio.gather(feeding, return_exceptions=True)
+        stop_feeding.set()
+        await asyncio.wait_for(feeding, 30)
     held = time.monotonic() - cut
     proxy.heal()
     return {"unready": unready, "failover": failover, "cut_held": held}
@@ -178,6 +182,7 @@ def check(tally: Tally, timings: dict[str, float]) -> None:
     )
     print("\n" + report)
     assert not lost, report
+    assert set(completions) <= tally.confirmed, report
     assert timings["unready"] <= 2 * defaults.heartbeat + 2, report
     assert timings["failover"] <= limit, report
     # Their acks were lost in the cut: the broker redelivered every one of them.
