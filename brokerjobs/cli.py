@@ -18,6 +18,7 @@ from brokerjobs.errors import BrokerJobsError, TopologyError
 from brokerjobs.health import probe
 from brokerjobs.logs import configure_logging
 from brokerjobs.settings import Settings, load_settings
+from brokerjobs.stats import held_dead_letters_note
 from brokerjobs.telemetry import configure_from_environment
 from brokerjobs.topology import declare
 from brokerjobs.transport import connect
@@ -138,6 +139,9 @@ async def _cmd_stats(args: argparse.Namespace) -> int:
                     f"{row['queue']:<50} {row['role']:<8} "
                     f"{row['messages']:>9} {row['consumers']:>9}"
                 )
+        note = held_dead_letters_note(topology, _settings(args).amqp_url)
+        if note:
+            print(note)
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
@@ -24,7 +25,6 @@ import aiormq
 import aiormq.exceptions as amqp_errors
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from brokerjobs.ack_batching import AckBatcher
 from brokerjobs.envelope import Delivery, OutgoingMessage
@@ -59,7 +59,20 @@ CLOSE_TIMEOUT_S = 5.0
 ACK_DELAY_S = 0.001
 ACK_BATCH = 64
 STALL_GRACE_S = 0.5
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 5.0
 _background: set[asyncio.Future[None]] = set()  # strong references to fire-and-forget closes
+
+
+class _QuietConnectFailures(logging.Filter):
+    """aiormq logs each failed TCP connect at ERROR; ``connect`` logs one WARNING per attempt
+    (with what it tries next) instead, so one unreachable node is not a page of errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "error when creating transport: %r"
+
+
+logging.getLogger("aiormq.connection").addFilter(_QuietConnectFailures())
 
 
 class MessageChannel(Protocol):
@@ -80,7 +93,7 @@ class MessageChannel(Protocol):
 
 
 class _Unreachable(Exception):
-    """Internal: one failed connection attempt (retried by tenacity)."""
+    """Internal: one failed connection attempt (the next node is tried)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,50 +111,71 @@ def _url_with_heartbeat(url: str, heartbeat: int) -> str:
 
 
 async def connect(settings: Settings, role: str) -> Connection:
-    """Connect with exponential backoff for up to ``settings.connect_timeout`` seconds.
+    """Connect to the first node of ``settings.amqp_urls`` that answers, for up to
+    ``settings.connect_timeout`` seconds in all.
 
-    Wrong credentials fail at once; the password is never part of an error or a log line.
+    Each attempt gets at most ``connect_attempt_timeout``: a node that accepts TCP and never
+    answers (a blackhole, a partition) costs one attempt, then the next node is tried. Attempts
+    rotate through every node, with exponential backoff and jitter between them. Wrong
+    credentials fail at once; the password is never part of an error or a log line.
     """
-    urls = [_url_with_heartbeat(url, settings.heartbeat) for url in settings.amqp_urls]
+    nodes = settings.amqp_urls
     properties = {"connection_name": f"brokerjobs {role} {socket.gethostname()}:{os.getpid()}"}
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type(_Unreachable),
-        stop=stop_after_delay(settings.connect_timeout),
-        wait=wait_exponential(multiplier=0.2, max=5),
-        reraise=True,
-    )
-    try:
-        async for attempt in retrying:
-            with attempt:
-                # A cluster: each attempt tries the next node, so a dead node is skipped.
-                url = urls[(attempt.retry_state.attempt_number - 1) % len(urls)]
-                raw = await _connect_once(settings, url, properties)
-                return Connection(raw, confirm_timeout=settings.confirm_timeout)
-    except _Unreachable as exc:
-        raise BrokerUnreachable(
-            f"cannot reach RabbitMQ at {settings.safe_url} after {settings.connect_timeout:g}s: "
-            f"{exc}. Is the broker running and BROKERJOBS_URL right?"
-        ) from None
-    raise AssertionError("unreachable")  # pragma: no cover
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.connect_timeout
+    attempt = 0
+    while True:
+        node = nodes[attempt % len(nodes)]
+        budget = min(settings.connect_attempt_timeout, max(deadline - loop.time(), 0.1))
+        try:
+            url = _url_with_heartbeat(node, settings.heartbeat)
+            return Connection(
+                await _connect_once(settings, url, properties, budget),
+                confirm_timeout=settings.confirm_timeout,
+            )
+        except _Unreachable as exc:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise BrokerUnreachable(
+                    f"cannot reach RabbitMQ at {settings.safe_url} after "
+                    f"{settings.connect_timeout:g}s ({attempt + 1} attempt(s)): {exc}. "
+                    "Is the broker running and BROKERJOBS_URL right?"
+                ) from None
+            pause = min(_backoff(attempt), left)
+            attempt += 1
+            log.warning(
+                "connect to %s failed (%s); trying %s in %.1fs",
+                redact_url(node), exc, redact_url(nodes[attempt % len(nodes)]), pause,
+            )  # fmt: skip
+            await asyncio.sleep(pause)
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential from 0.2 s to 5 s, with jitter
+    (0.5x-1x) so that workers cut off together do not reconnect in lockstep."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0**attempt)
+    return ceiling * random.uniform(0.5, 1.0)
 
 
 async def _connect_once(
-    settings: Settings, url: str, properties: dict[str, Any]
+    settings: Settings, url: str, properties: dict[str, Any], budget: float
 ) -> aio_pika.abc.AbstractConnection:
     try:
-        raw = await aio_pika.connect(
-            url,
-            ssl_context=settings.ssl_context(),
-            client_properties=properties,
-            timeout=max(settings.connect_timeout, 1.0),
-        )
+        async with asyncio.timeout(budget):
+            raw = await aio_pika.connect(
+                url,
+                ssl_context=settings.ssl_context(),
+                client_properties=properties,
+                timeout=budget,
+            )
     except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError):
         raise BrokerUnreachable(
             f"RabbitMQ at {settings.safe_url} refused the credentials: check the user and "
             "password in BROKERJOBS_URL and the user's permissions on the vhost"
         ) from None
+    except TimeoutError:
+        raise _Unreachable(f"no answer within {budget:g}s") from None
     except CONNECT_ERRORS as exc:
-        log.info("connect to %s failed: %s; retrying", redact_url(url), type(exc).__name__)
         raise _Unreachable(f"{type(exc).__name__}: {_describe(exc)}") from None
     return raw
 
@@ -169,6 +203,18 @@ class Connection:
     @property
     def is_closed(self) -> bool:
         return self.lost.done() or self._raw.is_closed
+
+    def silent_for(self) -> float:
+        """Seconds since the last frame of any kind (heartbeats included) came from the broker.
+
+        Read from aiormq's reader, which stamps every frame: a partition shows here long before
+        aiormq gives up on the connection ((heartbeat + 1) * 3 s). 0.0 if it cannot be read.
+        """
+        amqp = getattr(getattr(self._raw, "transport", None), "connection", None)
+        last = getattr(amqp, "_Connection__last_frame_time", None)
+        if not isinstance(last, float):
+            return 0.0
+        return max(asyncio.get_running_loop().time() - last, 0.0)
 
     @property
     def server_version(self) -> tuple[int, ...]:

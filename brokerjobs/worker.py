@@ -153,6 +153,11 @@ class Worker:
         if live != set(self.queues) or any(ch.consumer_cancelled.done() for ch in session.channels):
             missing = sorted(set(self.queues) - live) or sorted(self.queues)
             problems.append(f"no live consumer on {', '.join(missing)}")
+        if not self._hears_broker(session):
+            problems.append(
+                f"no frame from the broker for {session.connection.silent_for():.0f}s "
+                f"(two heartbeats of {self.settings.heartbeat}s): the connection looks cut"
+            )
         held = session.oldest_inflight_s()
         if held > self._stuck_after_s:
             problems.append(
@@ -160,6 +165,12 @@ class Worker:
                 f"{self._settle_margin_s:g}s to settle: the worker makes no progress"
             )
         return problems
+
+    def _hears_broker(self, session: _Session) -> bool:
+        """False once no frame came for two heartbeat timeouts (the broker sends one every half
+        timeout): a partitioned connection is unready long before aiormq declares it dead."""
+        heartbeat = self.settings.heartbeat
+        return heartbeat == 0 or session.connection.silent_for() <= 2 * heartbeat
 
     def stop(self) -> None:
         self._stop.set()

@@ -98,7 +98,7 @@ def _read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def reap_stale_runs(root: Path = ROOT) -> list[int]:
+def reap_stale_runs(root: Path = ROOT, chroot: Path | None = None) -> list[int]:
     """Kill the recorded processes of runs whose owner process is gone; remove their dirs."""
     killed: list[int] = []
     if not root.is_dir():
@@ -111,7 +111,8 @@ def reap_stale_runs(root: Path = ROOT) -> list[int]:
             if pid_file.name == "owner.pid":
                 continue
             pid = _read_pid(pid_file)
-            if pid is not None and _pid_alive(pid) and str(run) in _cmdline(pid):
+            seen = "/" + str(run.relative_to(chroot)) if chroot else str(run)
+            if pid is not None and _pid_alive(pid) and seen in _cmdline(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -125,6 +126,7 @@ class Node:
     amqp_port: int
     dist_port: int
     dir: Path
+    run_dir_seen: str = ""  # the run directory as the node's processes see it (in a chroot)
 
     @property
     def nodename(self) -> str:
@@ -148,7 +150,8 @@ class Node:
     def is_running(self) -> bool:
         pid = self.pid()
         # The VM's command line names the run directory (its HOME), not the node directory.
-        return pid is not None and _pid_alive(pid) and str(self.dir.parent) in _cmdline(pid)
+        seen = self.run_dir_seen or str(self.dir.parent)
+        return pid is not None and _pid_alive(pid) and seen in _cmdline(pid)
 
     def log_tail(self, lines: int = 30) -> str:
         chunks = []
@@ -163,9 +166,22 @@ class Node:
 class RabbitCluster:
     """Three RabbitMQ nodes (``bjca``, ``bjcb``, ``bjcc``) clustered on loopback."""
 
-    def __init__(self, root: Path = ROOT, names: Sequence[str] = NODE_NAMES) -> None:
+    def __init__(
+        self,
+        root: Path = ROOT,
+        names: Sequence[str] = NODE_NAMES,
+        dlx_confirm_timeout_ms: int | None = DLX_CONFIRM_TIMEOUT_MS,
+        chroot: Path | None = None,
+    ) -> None:
+        """``dlx_confirm_timeout_ms=None`` keeps RabbitMQ's default (180 000 ms). ``chroot``
+        runs the nodes and CLI tools of another RabbitMQ installed in that directory (e.g. a
+        Debian 13 chroot with 4.0), as root; the run directory then lives inside it."""
+        self.dlx_confirm_timeout_ms = dlx_confirm_timeout_ms
+        self.chroot = chroot
+        if chroot is not None and root == ROOT:
+            root = chroot / "tmp" / "bjcluster"
         root.mkdir(parents=True, exist_ok=True)
-        reap_stale_runs(root)
+        reap_stale_runs(root, chroot)
         self.dir = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root))
         (self.dir / "owner.pid").write_text(str(os.getpid()))
         self.home = self.dir / "home"
@@ -178,21 +194,29 @@ class RabbitCluster:
             taken.append(free_port(taken))
         self.epmd_port = taken[0]
         self.nodes = [
-            Node(name, taken[1 + 2 * i], taken[2 + 2 * i], self.dir / name)
+            Node(name, taken[1 + 2 * i], taken[2 + 2 * i], self.dir / name, self.seen(self.dir))
             for i, name in enumerate(names)
         ]
         self._epmd: subprocess.Popen[bytes] | None = None
 
     # -- environment -----------------------------------------------------------------------
 
+    def seen(self, path: Path) -> str:
+        """``path`` as the node's processes see it (inside the chroot, if any)."""
+        return "/" + str(path.relative_to(self.chroot)) if self.chroot else str(path)
+
+    def _command(self, tool: str, *args: str) -> list[str]:
+        command = [str(RABBIT_BIN / tool), *args]
+        return ["chroot", str(self.chroot), *command] if self.chroot else command
+
     def _base_env(self) -> dict[str, str]:
         keep = ("PATH", "LANG", "LC_ALL", "TMPDIR")
         env = {k: v for k, v in os.environ.items() if k in keep}
         env.update(
-            HOME=str(self.home),
+            HOME=self.seen(self.home),
             ERL_EPMD_PORT=str(self.epmd_port),
             ERL_EPMD_ADDRESS="127.0.0.1",
-            RABBITMQ_CONF_ENV_FILE=str(self.dir / "empty-env.conf"),
+            RABBITMQ_CONF_ENV_FILE=self.seen(self.dir / "empty-env.conf"),
             LANG=env.get("LANG", "C.UTF-8"),
         )
         return env
@@ -204,12 +228,12 @@ class RabbitCluster:
             RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
             RABBITMQ_NODE_PORT=str(node.amqp_port),
             RABBITMQ_DIST_PORT=str(node.dist_port),
-            RABBITMQ_MNESIA_BASE=str(node.dir / "mnesia"),
-            RABBITMQ_LOG_BASE=str(node.log_dir),
-            RABBITMQ_CONFIG_FILE=str(node.dir / "rabbitmq.conf"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(node.dir / "advanced.config"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(node.dir / "enabled_plugins"),
-            RABBITMQ_PID_FILE=str(node.pid_file),
+            RABBITMQ_MNESIA_BASE=self.seen(node.dir / "mnesia"),
+            RABBITMQ_LOG_BASE=self.seen(node.log_dir),
+            RABBITMQ_CONFIG_FILE=self.seen(node.dir / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=self.seen(node.dir / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=self.seen(node.dir / "enabled_plugins"),
+            RABBITMQ_PID_FILE=self.seen(node.pid_file),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
         return env
@@ -221,7 +245,8 @@ class RabbitCluster:
         # At-least-once dead-lettering (quorum retry tiers -> main queue) re-sends a dead letter
         # whose target did not confirm only after this timeout (RabbitMQ default 180 s). A leader
         # failover can leave dead letters waiting for it; 5 s keeps them inside the test's time.
-        setting = f"{{dead_letter_worker_publisher_confirm_timeout, {DLX_CONFIRM_TIMEOUT_MS}}}"
+        timeout = self.dlx_confirm_timeout_ms
+        setting = f"{{dead_letter_worker_publisher_confirm_timeout, {timeout}}}" if timeout else ""
         (node.dir / "advanced.config").write_text(f"[{{rabbit, [{setting}]}}].\n")
         (node.dir / "rabbitmq.conf").write_text(
             "\n".join(
@@ -241,6 +266,10 @@ class RabbitCluster:
 
     def start(self) -> None:
         """Start epmd and the three nodes, then join the 2nd and 3rd to the 1st."""
+        if self.chroot is not None and not (self.chroot / "proc" / "self").exists():
+            raise ClusterError(
+                f"{self.chroot}/proc is not mounted: mount -t proc proc {self.chroot}/proc"
+            )
         (self.dir / "empty-env.conf").write_text("")
         self._start_epmd()
         for node in self.nodes:
@@ -292,7 +321,7 @@ class RabbitCluster:
         node.pid_file.unlink(missing_ok=True)
         out = (node.dir / "start.out").open("ab")
         result = subprocess.run(
-            [str(RABBIT_BIN / "rabbitmq-server"), "-detached"],
+            self._command("rabbitmq-server", "-detached"),
             env=self.node_env(node),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -315,7 +344,7 @@ class RabbitCluster:
                 "wait",
                 "--timeout",
                 str(int(timeout)),
-                str(node.pid_file),
+                self.seen(node.pid_file),
                 timeout=timeout + 10,
             )
         except ClusterError as exc:
@@ -374,7 +403,7 @@ class RabbitCluster:
         self, node: Node, *args: str, tool: str = "rabbitmqctl", timeout: float = CTL_TIMEOUT
     ) -> str:
         """Run a CLI tool against ``node``; raises ClusterError with its output on failure."""
-        command = [str(RABBIT_BIN / tool), "-n", node.nodename, "-q", *args]
+        command = self._command(tool, "-n", node.nodename, "-q", *args)
         try:
             result = subprocess.run(
                 command,
@@ -440,6 +469,27 @@ class RabbitCluster:
         numbers = re.findall(r"-?\d+", output.splitlines()[0] if output else "")
         return dict(zip(keys, map(int, numbers), strict=False))
 
+    def queue_counters(self, queues: Sequence[str], via: Node) -> dict[str, dict[str, int]]:
+        """Per quorum queue: messages, ready, unacked and ``messages_dlx`` (dead letters held for
+        an at-least-once dead-letter confirm, which AMQP's declare-ok never counts). Read with
+        ``rabbit_amqqueue:info`` because ``rabbitmqctl list_queues`` (3.10) refuses the key.
+        A queue that does not answer (no leader) is left out."""
+        keys = ("messages", "messages_ready", "messages_unacknowledged", "messages_dlx")
+        names = ", ".join(f'<<"{q}">>' for q in queues)
+        expr = (
+            '[try {ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, N)), '
+            f"Info = rabbit_amqqueue:info(Q, [{','.join(keys)}]), "
+            'io:format("~s ~w~n", [N, [V || {_, V} <- Info]]) '
+            f"catch _:_ -> ok end || N <- [{names}]], ok."
+        )
+        counters: dict[str, dict[str, int]] = {}
+        for line in self.ctl(via, "eval", expr, timeout=20).splitlines():
+            name, _, values = line.partition(" ")
+            numbers = [int(n) for n in re.findall(r"-?\d+", values)]
+            if len(numbers) == len(keys):
+                counters[name] = dict(zip(keys, numbers, strict=True))
+        return counters
+
     def wait_caught_up(self, queues: Sequence[str], via: Node, timeout: float = 60.0) -> None:
         """Wait until every queue has all members online and all commit indexes equal."""
         deadline = time.monotonic() + timeout
@@ -468,9 +518,11 @@ def _norm(key: str) -> str:
 
 
 @contextlib.contextmanager
-def running_cluster() -> Iterator[RabbitCluster]:
+def running_cluster(
+    dlx_confirm_timeout_ms: int | None = DLX_CONFIRM_TIMEOUT_MS, chroot: Path | None = None
+) -> Iterator[RabbitCluster]:
     """A started 3-node cluster, killed (by pid file) when the block exits, even on failure."""
-    cluster = RabbitCluster()
+    cluster = RabbitCluster(dlx_confirm_timeout_ms=dlx_confirm_timeout_ms, chroot=chroot)
     try:
         cluster.start()
         yield cluster

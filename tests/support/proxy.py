@@ -12,6 +12,8 @@
 ...                                                # a broker that never answers
 ...     proxy.block()    # what a broker resource alarm does: connection.blocked to the client,
 ...     proxy.unblock()  # the client's frames held back until connection.unblocked
+...     proxy.blackhole()  # a partition: nothing passes either way, nothing is closed (no RST,
+...     proxy.heal()       # no FIN); new connections are accepted and never answered
 
 The proxy reads the AMQP 0-9-1 frames it forwards (type, channel, size, payload, frame-end) only to
 recognise methods for ``cut_on``; it forwards every byte unchanged.
@@ -110,6 +112,8 @@ class TcpProxy:
         self.cuts = 0  # connections aborted by cut() or a cut_on() trigger
         self.triggered: list[tuple[Sender, Method]] = []  # the cut_on() triggers that fired
         self._paused = False
+        self._flowing = asyncio.Event()  # cleared while blackholed
+        self._flowing.set()
         self._triggers: list[_Trigger] = []
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
@@ -198,6 +202,20 @@ class TcpProxy:
         """How many cut_on() triggers have not fired yet."""
         return sum(t.times for t in self._triggers)
 
+    def blackhole(self) -> None:
+        """Act as a network partition: stop passing bytes both ways on every connection, open
+        or new, without closing any. Frames (and a side's close) wait in the proxy and in the
+        kernel's socket buffers, as TCP segments wait in retransmission, until ``heal()``."""
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        """End the partition: whatever waited is passed on, in order."""
+        self._flowing.set()
+
+    @property
+    def blackholed(self) -> bool:
+        return not self._flowing.is_set()
+
     def pause(self) -> None:
         """Abort new connections as soon as they are accepted, until ``resume()``."""
         self._paused = True
@@ -237,6 +255,7 @@ class TcpProxy:
             self.refused += 1
             writer.transport.abort()
             return
+        await self._flowing.wait()  # partitioned: accepted, never answered
         try:
             up_reader, up_writer = await asyncio.open_connection(
                 self.upstream_host, self.upstream_port
@@ -280,6 +299,7 @@ class TcpProxy:
                 header = await reader.readexactly(_FRAME_HEADER)
                 size = int.from_bytes(header[3:7], "big")
                 frame = header + await reader.readexactly(size + 1)
+                await self._flowing.wait()
                 trigger = None
                 if header[0] == _FRAME_METHOD and size >= 4:
                     method = (int.from_bytes(frame[7:9], "big"), int.from_bytes(frame[9:11], "big"))
@@ -298,3 +318,4 @@ class TcpProxy:
                     continue
                 writer.write(frame)
                 await writer.drain()
+        await self._flowing.wait()  # a side's close crosses a partition only when it heals
