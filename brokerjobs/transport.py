@@ -378,6 +378,12 @@ class Channel:
                     mandatory=True,
                     wait=False,
                 )
+        except amqp_errors.ChannelNotFoundEntity as exc:  # before CONNECTION_ERRORS: it is one
+            raise TopologyError(
+                f"cannot publish job {message.message_id}: exchange {exchange!r} does not exist "
+                f"(broker: {exc}). Declare the consumer's topology first (`brokerjobs topology "
+                "declare MODULE:APP`) or check the publisher's exchange name."
+            ) from None
         except amqp_errors.DeliveryError as exc:
             raise PublishNacked(
                 f"the broker nacked job {message.message_id} to {exchange!r}/{routing_key!r}: "
