@@ -10,7 +10,15 @@ from pydantic import BaseModel
 from brokerjobs import App, BrokerUnreachable, Publisher, TopologyMismatch, current_job, job
 from brokerjobs.topology import declare
 from brokerjobs.transport import connect
-from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for
+from tests.support.broker import (
+    TEST_URL,
+    Broker,
+    make_settings,
+    running_worker,
+    unique,
+    url_with,
+    wait_for,
+)
 
 
 @job("thing.do")
@@ -40,7 +48,7 @@ async def test_declare_is_idempotent_and_a_mismatch_names_the_argument(broker: B
 
 
 async def test_wrong_credentials_fail_fast_without_printing_the_password() -> None:
-    settings = make_settings(url="amqp://guest:wrong-pass-123@127.0.0.1:5672/")
+    settings = make_settings(url=url_with(password="wrong-pass-123"))
     with pytest.raises(BrokerUnreachable, match="refused the credentials") as info:
         await connect(settings, "test")
     assert "wrong-pass-123" not in str(info.value)
@@ -56,7 +64,7 @@ async def test_an_unreachable_broker_is_a_clear_error_after_the_connect_timeout(
 
 async def test_a_list_of_nodes_fails_over_to_the_next_reachable_one() -> None:
     settings = make_settings(
-        url="amqp://guest:guest@127.0.0.1:1/, amqp://guest:guest@127.0.0.1:5672/",
+        url=f"{url_with(port=1)}, {TEST_URL}",
         connect_timeout=10.0,
     )
     connection = await connect(settings, "test")
