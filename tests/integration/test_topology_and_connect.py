@@ -27,23 +27,28 @@ class DoThing(BaseModel):
 
 
 async def test_declare_is_idempotent_and_a_mismatch_names_the_argument(broker: Broker):
-    app = App(unique("topo"))
+    """Also what an existing deployment meets after upgrading to a brokerjobs that declares
+    classic queues without priorities: its queue still has ``x-max-priority=10``."""
+    old = App(unique("topo"))
+    queue = f"{old.name}.thing.do"
+    old.queue(queue, "thing.do", max_priority=10, delivery_limit=20)
 
-    @app.handler(DoThing)
+    @old.handler(DoThing, queue=queue)
     async def handle(task: DoThing) -> None: ...
 
-    broker.track(app)
-    await declare(broker.connection, app.topology())
-    await declare(broker.connection, app.topology())  # again: no error
+    broker.track(old)
+    await declare(broker.connection, old.topology())
+    await declare(broker.connection, old.topology())  # again: no error
 
-    other = App(app.name)
-    other.queue(f"{app.name}.thing.do", "thing.do", max_priority=5)
+    new = App(old.name)
+    new.queue(queue, "thing.do", delivery_limit=5)  # quorum: the delivery limit differs
 
-    @other.handler(DoThing, queue=f"{app.name}.thing.do")
+    @new.handler(DoThing, queue=queue)
     async def handle2(task: DoThing) -> None: ...
 
-    with pytest.raises(TopologyMismatch, match="argument 'x-max-priority' differs") as info:
-        await declare(broker.connection, other.topology())
+    argument = "x-max-priority" if new.queues[queue].kind == "classic" else "x-delivery-limit"
+    with pytest.raises(TopologyMismatch, match=f"argument '{argument}' differs") as info:
+        await declare(broker.connection, new.topology())
     assert "delete_queue" in str(info.value)
 
 

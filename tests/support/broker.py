@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +34,16 @@ def url_with(
     password = _TEST_PARTS.password if password is None else password
     netloc = f"{user}:{password}@{TEST_HOST}:{TEST_PORT if port is None else port}"
     return _TEST_PARTS._replace(netloc=netloc).geturl()
+
+
+# Headers the broker sets and counts itself (quorum queues' delivery count, dead-lettering
+# history): never compared as a job's payload, because they differ by version and queue kind.
+BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-")
+
+
+def own_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` without the broker-managed ones."""
+    return {k: v for k, v in headers.items() if not k.startswith(BROKER_HEADERS)}
 
 
 def unique(prefix: str = "t") -> str:

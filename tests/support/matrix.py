@@ -46,3 +46,44 @@ def force_queue_kind() -> None:
     App.__init__ = forced_init  # type: ignore[method-assign]
     App.queue = forced_queue  # type: ignore[method-assign]
     App._bj_forced = True  # type: ignore[attr-defined]
+
+
+def delivery_order(
+    published: list[tuple[str, int]],
+    kind: QueueKind,
+    max_priority: int | None,
+    version: tuple[int, ...],
+) -> list[str]:
+    """The order in which a consumer at prefetch 1 gets ``published`` (label, priority) jobs
+    that all waited in one queue, as each broker version really does it."""
+    if kind == "classic":
+        if not max_priority:
+            return [label for label, _ in published]
+        return _strict(published, max_priority)
+    if version >= (4, 3):
+        return _strict(published, 31)
+    if version >= (4, 0):
+        return _two_levels(published)
+    return [label for label, _ in published]  # 3.x: quorum queues ignore priorities
+
+
+def _strict(published: list[tuple[str, int]], cap: int) -> list[str]:
+    ranked = sorted(enumerate(published), key=lambda item: (-min(item[1][1], cap), item[0]))
+    return [label for _, (label, _) in ranked]
+
+
+def _two_levels(published: list[tuple[str, int]]) -> list[str]:
+    # RabbitMQ 4.0-4.2 (rabbit_fifo_q): 5+ is high, and while both levels wait, two high
+    # jobs go out for every normal one.
+    high = [label for label, p in published if p >= 5]
+    normal = [label for label, p in published if p < 5]
+    order: list[str] = []
+    streak = 0
+    while high or normal:
+        if high and (streak < 2 or not normal):
+            order.append(high.pop(0))
+            streak += 1
+        else:
+            order.append(normal.pop(0))
+            streak = 0
+    return order
