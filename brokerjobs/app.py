@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from brokerjobs.errors import ConfigError
 from brokerjobs.jobs import JobSpec, spec_of
+from brokerjobs.priorities import PriorityFinding, check_queue, classic_max_priority
 from brokerjobs.retry import RetryPolicy
 from brokerjobs.schedule import (
     DEFAULT_GRACE,
@@ -76,15 +77,17 @@ class App:
         name: str,
         *patterns: str,
         kind: QueueKind | None = None,
-        max_priority: int = 10,
+        max_priority: int | None = None,
         delivery_limit: int = 20,
         prefetch: int | None = None,
         parked_ttl: float | None = None,
     ) -> QueueSpec:
         """Add a main queue bound to the app's exchange with topic ``patterns``.
 
-        Parked jobs are kept until replayed or purged; ``parked_ttl`` (seconds) drops them
-        after that long instead.
+        A classic queue is a priority queue only if ``max_priority`` asks for one (for jobs
+        published with a per-message priority) or a job handled on it declares a priority; then
+        ``x-max-priority`` is the highest such priority. Parked jobs are kept until replayed or
+        purged; ``parked_ttl`` (seconds) drops them after that long instead.
         """
         if name in self._queues:
             raise ConfigError(f"queue {name!r} is defined twice in app {self.name!r}")
@@ -170,11 +173,41 @@ class App:
     def jobs(self, queue: str) -> Mapping[str, JobSpec]:
         return {name: h.job for name, h in self._handlers[queue].items()}
 
+    def job_priorities(self, queue: str) -> dict[str, int]:
+        """Job name -> declared priority, for the jobs handled on ``queue``."""
+        return {name: h.job.priority for name, h in self._handlers[queue].items()}
+
+    def max_priority(self, queue: str) -> int | None:
+        """The ``x-max-priority`` a classic queue is declared with (None: none)."""
+        spec = self._queues[queue]
+        if spec.kind != "classic":
+            return None
+        return classic_max_priority(spec.max_priority, self.job_priorities(queue).values())
+
+    def priority_findings(
+        self, version: tuple[int, ...], queues: Iterable[str] | None = None
+    ) -> list[PriorityFinding]:
+        """Job priorities that the queues will not honour as written on broker ``version``."""
+        return [
+            finding
+            for name in self.select_queues(queues)
+            for finding in check_queue(
+                name,
+                self._queues[name].kind,
+                self.max_priority(name),
+                self.job_priorities(name),
+                version,
+            )
+        ]
+
     def topology(self) -> TopologyPlan:
         topology = plan(
             self.exchange,
             (
-                (spec, [d for h in self._handlers[name].values() for d in h.retry.delays])
+                (
+                    replace(spec, max_priority=self.max_priority(name)),
+                    [d for h in self._handlers[name].values() for d in h.retry.delays],
+                )
                 for name, spec in self._queues.items()
             ),
             delay_levels=self.delay_levels,

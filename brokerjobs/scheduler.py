@@ -26,7 +26,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, encode
-from brokerjobs.errors import BrokerUnreachable, ConfigError, PublishError, UnroutableJob
+from brokerjobs.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    PublishError,
+    PublishNacked,
+    UnroutableJob,
+)
 from brokerjobs.schedule import (
     DEFAULT_GRACE,
     EPOCH,
@@ -84,6 +90,8 @@ def scheduler_queue_arguments(app: App) -> dict[str, Any]:
 
 
 # -- the scheduler ---------------------------------------------------------------------------
+
+_SETUP_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, PublishNacked)
 
 
 class _Session:
@@ -228,7 +236,9 @@ class Scheduler:
                 if not started:
                     raise
                 log.warning("broker unreachable; retrying in %.1fs", delay)
-            except CONNECTION_ERRORS as exc:
+            except _SETUP_ERRORS as exc:
+                # PublishNacked: RabbitMQ 4.0 may nack the first token of a quorum queue that
+                # two instances declared at the same moment; the next session sees the token.
                 log.warning("scheduler setup failed (%s); retrying in %.1fs", exc, delay)
             else:
                 started, delay = True, 0.2

@@ -37,7 +37,7 @@ class QueueSpec:
     name: str
     patterns: tuple[str, ...]
     kind: QueueKind = "classic"
-    max_priority: int = 10
+    max_priority: int | None = None  # classic only; None: no priority queue
     delivery_limit: int = 20
     prefetch: int | None = None
     parked_ttl: float | None = None  # parked jobs never expire unless this is set (seconds)
@@ -52,8 +52,11 @@ class QueueSpec:
                 raise ConfigError(f"queue {self.name!r}: invalid topic pattern {pattern!r}")
         if self.kind not in ("classic", "quorum"):
             raise ConfigError(f"queue {self.name!r}: kind must be 'classic' or 'quorum'")
-        if not 1 <= self.max_priority <= 255:
-            raise ConfigError(f"queue {self.name!r}: max_priority must be 1..255")
+        if self.max_priority is not None and not 1 <= self.max_priority <= 255:
+            raise ConfigError(
+                f"queue {self.name!r}: max_priority must be 1..255 (single digits are advised), "
+                "or None for no priority queue"
+            )
         if self.delivery_limit < 1:
             raise ConfigError(f"queue {self.name!r}: delivery_limit must be >= 1")
         if self.parked_ttl is not None and self.parked_ttl <= 0:
@@ -254,7 +257,8 @@ def _main_arguments(spec: QueueSpec, parking: str) -> dict[str, Any]:
     arguments["x-dead-letter-exchange"] = DEFAULT_EXCHANGE
     arguments["x-dead-letter-routing-key"] = parking
     if spec.kind == "classic":
-        arguments["x-max-priority"] = spec.max_priority
+        if spec.max_priority is not None:
+            arguments["x-max-priority"] = spec.max_priority
     else:
         # 4.x drops a message past the default limit of 20 when no DLX is set; be explicit.
         arguments["x-delivery-limit"] = spec.delivery_limit
@@ -266,6 +270,9 @@ def _retry_arguments(spec: QueueSpec, delay: float) -> dict[str, Any]:
     arguments["x-message-ttl"] = round(delay * 1000)
     arguments["x-dead-letter-exchange"] = DEFAULT_EXCHANGE
     arguments["x-dead-letter-routing-key"] = spec.name
+    if spec.kind == "quorum":
+        # Nothing consumes a tier, but 4.x would apply its default limit (20) to any return.
+        arguments["x-delivery-limit"] = spec.delivery_limit
     return arguments
 
 

@@ -307,18 +307,13 @@ class Worker:
         return session
 
     def _check_priorities(self, version: tuple[int, ...]) -> None:
-        if not version or version >= (4, 0):
-            return
-        for queue in self.queues:
-            if self.app.queues[queue].kind != "quorum":
-                continue
-            ranked = sorted(h.job.name for h in self.app.handlers(queue).values() if h.job.priority)
-            if ranked:
-                raise ConfigError(
-                    f"queue {queue!r} is a quorum queue but jobs {ranked} set a priority, which "
-                    f"RabbitMQ {'.'.join(map(str, version))} ignores on quorum queues (4.0+ "
-                    "honours it): use a classic queue for them, drop the priority, or upgrade"
-                )
+        """Refuse priorities the broker ignores outright; warn about ones it bends."""
+        findings = self.app.priority_findings(version, self.queues)
+        errors = [f.message for f in findings if f.severity == "error"]
+        if errors:
+            raise ConfigError("; ".join(errors))
+        for finding in findings:
+            log.warning("job priorities not honoured as written: %s", finding.message)
 
     async def _start_consumer(self, session: _Session, queue: str) -> None:
         prefetch = self.app.queues[queue].prefetch or self.settings.prefetch

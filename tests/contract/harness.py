@@ -33,6 +33,10 @@ Done = Callable[[], bool]
 
 
 class Run(Protocol):
+    broker_version: tuple[int, ...]
+    """The RabbitMQ version whose behaviour the run shows; () for TestBroker, which plays
+    quorum queues without priorities."""
+
     async def publish(self, job: BaseModel, *, priority: int | None = None) -> str: ...
 
     async def publish_raw(self, body: bytes, routing_key: str) -> None: ...
@@ -68,6 +72,8 @@ def raw_message(body: bytes) -> OutgoingMessage:
 
 
 class MemoryRun:
+    broker_version: tuple[int, ...] = ()
+
     def __init__(self, broker: TestBroker) -> None:
         self.broker = broker
 
@@ -119,6 +125,7 @@ class RabbitRun:
         self.stack = contextlib.AsyncExitStack()
         self._consume = consume
         self._consuming = False
+        self.broker_version = broker.connection.server_version
 
     async def publish(self, job: BaseModel, *, priority: int | None = None) -> str:
         return await self.publisher.publish(job, priority=priority)

@@ -15,6 +15,8 @@ from brokerjobs import App, PermanentFailure, RetryLater, RetryPolicy, Unroutabl
 from brokerjobs import envelope as wire
 from brokerjobs.context import current_job
 from tests.contract.harness import Harness, MemoryHarness, RabbitHarness, Run
+from tests.support.broker import own_headers
+from tests.support.matrix import delivery_order
 
 # What an operator finds on a job parked after its last attempt, and on poison input.
 PARKED_AFTER_FAILURES = {
@@ -61,8 +63,8 @@ class SendSms(BaseModel):
 FAST = RetryPolicy(delays=(0.1, 0.2), max_attempts=3)
 
 
-def sms_queue(app: App, prefetch: int | None = None) -> str:
-    return app.queue(f"{app.name}.sms", "sms.*", prefetch=prefetch).name
+def sms_queue(app: App, prefetch: int | None = None, max_priority: int | None = None) -> str:
+    return app.queue(f"{app.name}.sms", "sms.*", prefetch=prefetch, max_priority=max_priority).name
 
 
 async def test_topic_patterns_deliver_a_job_once_to_every_matching_queue(harness: Harness) -> None:
@@ -130,7 +132,7 @@ async def test_exhausted_attempts_park_one_copy_with_the_same_envelope(harness: 
 
     assert attempts == [1, 2, 3]
     delivery = parked.delivery
-    assert set(delivery.headers) == PARKED_AFTER_FAILURES
+    assert set(own_headers(delivery.headers)) == PARKED_AFTER_FAILURES
     assert (delivery.exchange, delivery.routing_key) == ("", f"{queue}.parked")
     assert (delivery.message_id, delivery.job_name, delivery.body) == (
         job_id,
@@ -159,7 +161,7 @@ async def test_poison_input_is_parked_at_once_with_its_reason(harness: Harness) 
         [parked] = await run.take_parked(queue)
 
     assert handled == [SendSms(to="+1")]
-    assert set(parked.delivery.headers) == PARKED_POISON
+    assert set(own_headers(parked.delivery.headers)) == PARKED_POISON
     assert parked.error.startswith("malformed JSON")
     assert (parked.error_type, parked.attempts) == ("undecodable", 1)
 
@@ -184,19 +186,27 @@ async def test_retry_later_comes_back_after_the_smallest_tier_long_enough(harnes
 
 
 async def test_waiting_jobs_are_delivered_highest_priority_first(harness: Harness) -> None:
+    """On a classic queue that asks for priorities 0-10 (so 50 counts as 10); on quorum queues,
+    what the broker's version does (``tests.support.matrix.delivery_order``)."""
     app = harness.app("priority")
     order: list[str] = []
+    queue = sms_queue(app, prefetch=1, max_priority=10)
 
-    @app.handler(SendSms, queue=sms_queue(app, prefetch=1))
+    @app.handler(SendSms, queue=queue)
     async def send(task: SendSms) -> None:
         order.append(task.to)
 
+    published = [("low", 1), ("high", 9), ("mid", 5), ("capped", 50)]
     async with harness.run(app) as run:
-        for to, priority in [("low", 1), ("high", 9), ("mid", 5), ("capped", 50)]:
+        for to, priority in published:
             await run.publish(SendSms(to=to), priority=priority)
         await run.settle(lambda: len(order) >= 4)
+        version = run.broker_version
 
-    assert order == ["capped", "high", "mid", "low"]
+    kind = app.queues[queue].kind
+    assert order == delivery_order(published, kind, app.max_priority(queue), version)
+    if kind == "classic":
+        assert order == ["capped", "high", "mid", "low"]
 
 
 async def test_a_permanent_failure_parks_without_a_retry(harness: Harness) -> None:

@@ -137,6 +137,8 @@ async def test_an_image_failing_every_attempt_is_parked_then_fixed_and_replayed(
         async with ParkingLot(make_settings(), images_queue(app)) as lot:
             listed = await lot.list()
             assert [(j.job_id, j.attempts) for j in listed.jobs] == [(job_id, 3)]
+            # A quorum queue takes back the jobs a scan held a moment after the scan closed.
+            await wait_for(lambda: broker.depth_is(f"{images_queue(app)}.parked", 1), timeout=5)
             report = await lot.replay(Selection(ids=frozenset({job_id})))
             assert report.replayed == 1
             final = await poll_until(client, status_url, lambda s: s["state"] == "completed", seen)

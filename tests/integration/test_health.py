@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,16 @@ from pydantic import BaseModel
 from brokerjobs import App, ConfigError, job
 from brokerjobs.health import probe
 from brokerjobs.worker import Worker
-from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for
+from tests.support.broker import (
+    TEST_HOST,
+    TEST_PORT,
+    TEST_URL,
+    Broker,
+    make_settings,
+    running_worker,
+    unique,
+    wait_for,
+)
 from tests.support.proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,8 +60,8 @@ async def not_ready(port: int) -> bool:
 
 async def test_readiness_turns_false_while_the_connection_is_cut_and_true_after(broker: Broker):
     app = broker.track(audit_app())
-    async with TcpProxy() as proxy:
-        settings = make_settings(url=proxy.url(), health_port=0)
+    async with TcpProxy(TEST_HOST, TEST_PORT) as proxy:
+        settings = make_settings(url=proxy.url_for(TEST_URL), health_port=0)
         async with running_worker(app, settings) as worker:
             port = worker.health_port
             assert port is not None
@@ -109,7 +119,7 @@ def _health_cli(port: int | None) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         timeout=30,
         check=False,
-        env=dict(os.environ),
+        env={**os.environ, "BROKERJOBS_URL": TEST_URL},
     )
 
 
@@ -123,7 +133,7 @@ async def test_stats_lists_depth_and_consumers_of_every_queue(broker: Broker, tm
             cwd=tmp_path,
             timeout=30,
             check=False,
-            env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"},
+            env={**os.environ, "BROKERJOBS_URL": TEST_URL, "PYTHONPATH": f"{tmp_path}:{REPO}"},
         )
     assert result.returncode == 0, result.stderr
     rows = {row["queue"]: row for row in json.loads(result.stdout)}
@@ -151,16 +161,34 @@ def _importable_app(tmp_path: Path) -> App:
 
 
 async def test_start_up_checks_fail_loudly_with_the_fix(broker: Broker):
+    with pytest.raises(ConfigError, match="consumer_timeout"):
+        await Worker(audit_app(), make_settings(job_timeout=3600)).run()
+
+
+async def test_start_up_check_of_quorum_priorities_follows_the_broker_version(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+):
+    """3.x ignores priorities on quorum queues: refused. 4.0-4.2 have two levels: a warning
+    that says what happens instead. 4.3+ honour 0-31: nothing to say about priority 5."""
     app = App(unique("checks"), queue_kind="quorum")
 
     @app.handler(UrgentAudit)
     async def urgent(task: UrgentAudit) -> None: ...
 
     broker.track(app)
-    if broker.connection.server_version >= (4, 0):
-        return  # 4.x honours quorum priorities: nothing to refuse
-    with pytest.raises(ConfigError, match="ignores on quorum queues") as info:
-        await Worker(app, make_settings()).run()
-    assert "use a classic queue" in str(info.value)
-    with pytest.raises(ConfigError, match="consumer_timeout"):
-        await Worker(audit_app(), make_settings(job_timeout=3600)).run()
+    version = broker.connection.server_version
+    if version < (4, 0):
+        with pytest.raises(ConfigError, match="ignores on quorum queues") as info:
+            await Worker(app, make_settings()).run()
+        assert "use a classic queue" in str(info.value)
+        return
+    with caplog.at_level(logging.WARNING, "brokerjobs.worker"):
+        async with running_worker(app):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if "priorities" in r.getMessage()]
+    if version < (4, 3):
+        [warning] = warnings
+        assert "two priority levels only" in warning
+        assert "'audit.urgent' (5) run as high" in warning
+    else:
+        assert warnings == []

@@ -32,7 +32,7 @@ async def test_retry_park_and_replay_work_on_quorum_queues(broker: Broker):
     async with running_worker(app):
         async with Publisher(make_settings(), exchange=app.exchange) as publisher:
             await publisher.publish(PostLedger(entry=1))
-        await wait_for(lambda: _depth_is(broker, f"{queue}.parked", 1), timeout=10)
+        await wait_for(lambda: broker.depth_is(f"{queue}.parked", 1), timeout=10)
         assert attempts == [1, 2, 3]
 
         fixed = True
@@ -42,7 +42,3 @@ async def test_retry_park_and_replay_work_on_quorum_queues(broker: Broker):
     assert attempts == [1, 2, 3, 1]
     state = await broker.state(queue)
     assert state.messages == 0
-
-
-async def _depth_is(broker: Broker, queue: str, n: int) -> bool:
-    return await broker.depth(queue) == n

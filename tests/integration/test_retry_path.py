@@ -86,7 +86,7 @@ async def test_exhausted_attempts_park_exactly_one_copy_with_the_failure_envelop
     async with running_worker(app):
         async with Publisher(make_settings(), exchange=app.exchange) as publisher:
             job_id = await publisher.publish(SendSms(n=5))
-        await wait_for(lambda: _depth_is(broker, parked_queue, 1), timeout=10)
+        await wait_for(lambda: broker.depth_is(parked_queue, 1), timeout=10)
         await asyncio.sleep(0.3)  # a second copy would show up by now
     assert attempts == [1, 2, 3]
     [parked] = await broker.drain(parked_queue)
@@ -104,10 +104,6 @@ async def test_exhausted_attempts_park_exactly_one_copy_with_the_failure_envelop
     assert headers[wire.FIRST_FAILED_AT] <= headers[wire.LAST_FAILED_AT]
     assert wire.PARKED_AT in headers and wire.WORKER in headers
     assert not any(k.startswith("x-death") for k in headers)
-
-
-async def _depth_is(broker: Broker, queue: str, expected: int) -> bool:
-    return await broker.depth(queue) == expected
 
 
 async def test_a_crash_between_the_retry_publish_and_the_ack_loses_nothing(
@@ -164,7 +160,7 @@ async def test_a_job_past_its_timeout_is_retried_and_then_parked_as_a_timeout(br
     async with running_worker(app) as worker:
         async with Publisher(make_settings(), exchange=app.exchange) as publisher:
             await publisher.publish(SlowSms(n=1))
-        await wait_for(lambda: _depth_is(broker, parked_queue, 1), timeout=10)
+        await wait_for(lambda: broker.depth_is(parked_queue, 1), timeout=10)
         assert worker.ready
     [parked] = await broker.drain(parked_queue)
     assert started == [1, 2]

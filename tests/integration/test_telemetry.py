@@ -65,7 +65,7 @@ async def test_spans_and_metrics_follow_one_job_across_retry_park_and_replay(bro
         await wait_for(lambda: worker.ready)
         async with Publisher(make_settings(), exchange=app.exchange, telemetry=telemetry) as pub:
             job_id = await pub.publish(BookShipment(parcel="P-1"))
-        await wait_for(lambda: _depth_is(broker, f"{queue}.parked", 1), timeout=10)
+        await wait_for(lambda: broker.depth_is(f"{queue}.parked", 1), timeout=10)
         fail = False
         async with ParkingLot(make_settings(), queue, telemetry=telemetry) as lot:
             assert (await lot.replay()).replayed == 1
@@ -134,7 +134,3 @@ def _named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
 
 def _linked(span: ReadableSpan) -> set[int]:
     return {link.context.span_id for link in span.links}
-
-
-async def _depth_is(broker: Broker, queue: str, n: int) -> bool:
-    return await broker.depth(queue) == n

@@ -10,7 +10,15 @@ from pydantic import BaseModel
 from brokerjobs import App, BrokerUnreachable, Publisher, TopologyMismatch, current_job, job
 from brokerjobs.topology import declare
 from brokerjobs.transport import connect
-from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for
+from tests.support.broker import (
+    TEST_URL,
+    Broker,
+    make_settings,
+    running_worker,
+    unique,
+    url_with,
+    wait_for,
+)
 
 
 @job("thing.do")
@@ -19,28 +27,33 @@ class DoThing(BaseModel):
 
 
 async def test_declare_is_idempotent_and_a_mismatch_names_the_argument(broker: Broker):
-    app = App(unique("topo"))
+    """Also what an existing deployment meets after upgrading to a brokerjobs that declares
+    classic queues without priorities: its queue still has ``x-max-priority=10``."""
+    old = App(unique("topo"))
+    queue = f"{old.name}.thing.do"
+    old.queue(queue, "thing.do", max_priority=10, delivery_limit=20)
 
-    @app.handler(DoThing)
+    @old.handler(DoThing, queue=queue)
     async def handle(task: DoThing) -> None: ...
 
-    broker.track(app)
-    await declare(broker.connection, app.topology())
-    await declare(broker.connection, app.topology())  # again: no error
+    broker.track(old)
+    await declare(broker.connection, old.topology())
+    await declare(broker.connection, old.topology())  # again: no error
 
-    other = App(app.name)
-    other.queue(f"{app.name}.thing.do", "thing.do", max_priority=5)
+    new = App(old.name)
+    new.queue(queue, "thing.do", delivery_limit=5)  # quorum: the delivery limit differs
 
-    @other.handler(DoThing, queue=f"{app.name}.thing.do")
+    @new.handler(DoThing, queue=queue)
     async def handle2(task: DoThing) -> None: ...
 
-    with pytest.raises(TopologyMismatch, match="argument 'x-max-priority' differs") as info:
-        await declare(broker.connection, other.topology())
+    argument = "x-max-priority" if new.queues[queue].kind == "classic" else "x-delivery-limit"
+    with pytest.raises(TopologyMismatch, match=f"argument '{argument}' differs") as info:
+        await declare(broker.connection, new.topology())
     assert "delete_queue" in str(info.value)
 
 
 async def test_wrong_credentials_fail_fast_without_printing_the_password() -> None:
-    settings = make_settings(url="amqp://guest:wrong-pass-123@127.0.0.1:5672/")
+    settings = make_settings(url=url_with(password="wrong-pass-123"))
     with pytest.raises(BrokerUnreachable, match="refused the credentials") as info:
         await connect(settings, "test")
     assert "wrong-pass-123" not in str(info.value)
@@ -56,7 +69,7 @@ async def test_an_unreachable_broker_is_a_clear_error_after_the_connect_timeout(
 
 async def test_a_list_of_nodes_fails_over_to_the_next_reachable_one() -> None:
     settings = make_settings(
-        url="amqp://guest:guest@127.0.0.1:1/, amqp://guest:guest@127.0.0.1:5672/",
+        url=f"{url_with(port=1)}, {TEST_URL}",
         connect_timeout=10.0,
     )
     connection = await connect(settings, "test")

@@ -6,14 +6,44 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from brokerjobs import App, Settings, Worker
 from brokerjobs.envelope import Delivery
 from brokerjobs.transport import Channel, Connection, QueueState, connect
+from tests.support.hygiene import record_declarations
+from tests.support.matrix import force_queue_kind
 
 TEST_URL = os.environ.get("BROKERJOBS_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+_TEST_PARTS = urlsplit(TEST_URL)
+TEST_HOST = _TEST_PARTS.hostname or "127.0.0.1"
+TEST_PORT = _TEST_PARTS.port or 5672
+
+# Every process that imports the test support records what it declares and follows the matrix.
+record_declarations()
+force_queue_kind()
+
+
+def url_with(
+    *, user: str | None = None, password: str | None = None, port: int | None = None
+) -> str:
+    """``TEST_URL`` with other credentials or another port (same host and vhost)."""
+    user = _TEST_PARTS.username if user is None else user
+    password = _TEST_PARTS.password if password is None else password
+    netloc = f"{user}:{password}@{TEST_HOST}:{TEST_PORT if port is None else port}"
+    return _TEST_PARTS._replace(netloc=netloc).geturl()
+
+
+# Headers the broker sets and counts itself (quorum queues' delivery count, dead-lettering
+# history): never compared as a job's payload, because they differ by version and queue kind.
+BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-")
+
+
+def own_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` without the broker-managed ones."""
+    return {k: v for k, v in headers.items() if not k.startswith(BROKER_HEADERS)}
 
 
 def unique(prefix: str = "t") -> str:
@@ -68,6 +98,10 @@ class Broker:
 
     async def depth(self, queue: str) -> int:
         return (await self.state(queue)).messages
+
+    async def depth_is(self, queue: str, expected: int) -> bool:
+        """For ``wait_for``: ``await wait_for(lambda: broker.depth_is(q, 1))``."""
+        return await self.depth(queue) == expected
 
     async def state(self, queue: str) -> QueueState:
         return await (await self.fresh_channel()).inspect_queue(queue)

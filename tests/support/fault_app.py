@@ -24,6 +24,12 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from brokerjobs import App, current_job, job
+from tests.support.hygiene import record_declarations
+from tests.support.matrix import force_queue_kind
+
+# A subprocess of the tests: record what it declares and follow the queue-kind matrix.
+record_declarations()
+force_queue_kind()
 
 NAME_ENV, LOG_ENV, SLEEP_ENV = "BJFAULT_NAME", "BJFAULT_LOG", "BJFAULT_SLEEP"
 SPREAD_ENV = "BJFAULT_SPREAD"

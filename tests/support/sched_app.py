@@ -22,6 +22,12 @@ from brokerjobs import App, job
 from brokerjobs.logs import configure_logging
 from brokerjobs.scheduler import run_scheduler
 from brokerjobs.settings import load_settings
+from tests.support.hygiene import record_declarations
+from tests.support.matrix import force_queue_kind
+
+# A subprocess of the tests: record what it declares and follow the queue-kind matrix.
+record_declarations()
+force_queue_kind()
 
 NAME_ENV, EVERY_ENV = "BJSCHED_NAME", "BJSCHED_EVERY"
 JOB_NAME = "sched.tick"

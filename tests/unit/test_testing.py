@@ -231,7 +231,7 @@ async def test_an_unroutable_job_raises_like_the_real_publisher() -> None:
 
 async def test_waiting_jobs_are_delivered_by_priority_one_at_a_time_with_prefetch_1() -> None:
     app = App("t")
-    app.queue("t.sms", "sms.*", prefetch=1)
+    app.queue("t.sms", "sms.*", prefetch=1, max_priority=10)
     order: list[str] = []
 
     @app.handler(SendSms, queue="t.sms")

@@ -14,14 +14,13 @@ class Resize(BaseModel):
     path: str
 
 
-def test_classic_plan_has_parking_retry_tiers_and_a_priority_main_queue() -> None:
+def test_classic_plan_has_parking_retry_tiers_and_a_plain_main_queue() -> None:
     topology = plan("media", [(QueueSpec("media.q", ("media.*",)), [1.0, 60.0, 1.0])])
     by_name = {q.name: q for q in topology.queues}
     assert set(by_name) == {"media.q", "media.q.retry.1s", "media.q.retry.1m", "media.q.parked"}
     assert dict(by_name["media.q"].arguments) == {
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": "media.q.parked",
-        "x-max-priority": 10,
     }
     assert by_name["media.q"].patterns == ("media.*",)
     assert dict(by_name["media.q.retry.1m"].arguments) == {
@@ -41,11 +40,68 @@ def test_quorum_plan_never_sends_max_priority_and_sets_limits_and_dead_lettering
     assert main["x-delivery-limit"] == 7
     assert main["x-dead-letter-strategy"] == "at-least-once"
     assert main["x-overflow"] == "reject-publish"
-    assert topology.queue("q.retry.2s").arguments["x-queue-type"] == "quorum"
+    retry = topology.queue("q.retry.2s").arguments
+    assert (retry["x-queue-type"], retry["x-delivery-limit"]) == ("quorum", 7)
     assert topology.queue("q.parked").arguments == {
         "x-queue-type": "quorum",
         "x-delivery-limit": 1_000_000,
     }
+
+
+@job("media.plain")
+class Plain(BaseModel):
+    path: str
+
+
+@job("media.urgent", priority=3)
+class Urgent(BaseModel):
+    path: str
+
+
+@job("media.rush", priority=7)
+class Rush(BaseModel):
+    path: str
+
+
+def _main_arguments(app: App, queue: str) -> dict[str, object]:
+    return dict(app.topology().queue(queue).arguments)
+
+
+def test_a_classic_queue_is_a_priority_queue_only_when_a_job_on_it_declares_a_priority() -> None:
+    app = App("media")
+    plain = app.queue("media.plain", "media.plain")
+    ranked = app.queue("media.ranked", "media.#")
+
+    @app.handler(Plain, queue=plain)
+    async def handle_plain(task: Plain) -> None: ...
+
+    @app.handler(Urgent, queue=ranked)
+    async def handle_urgent(task: Urgent) -> None: ...
+
+    @app.handler(Rush, queue=ranked)
+    async def handle_rush(task: Rush) -> None: ...
+
+    @app.handler(Plain, queue=ranked)
+    async def handle_plain_too(task: Plain) -> None: ...
+
+    assert "x-max-priority" not in _main_arguments(app, "media.plain")
+    # The fewest levels that serve: 0..7, not a fixed 10.
+    assert _main_arguments(app, "media.ranked")["x-max-priority"] == 7
+
+
+def test_a_queue_that_asks_for_priorities_gets_what_it_asks_for() -> None:
+    app = App("media")
+    asked = app.queue("media.asked", "media.plain", max_priority=3)
+    quorum = app.queue("media.quorum", "media.rush", kind="quorum", max_priority=3)
+
+    @app.handler(Plain, queue=asked)
+    async def handle(task: Plain) -> None: ...
+
+    @app.handler(Rush, queue=quorum)
+    async def rush(task: Rush) -> None: ...
+
+    assert _main_arguments(app, "media.asked")["x-max-priority"] == 3
+    assert "x-max-priority" not in _main_arguments(app, "media.quorum")  # refused by RabbitMQ
 
 
 @pytest.mark.parametrize(
