@@ -38,7 +38,7 @@ async def status_of(port: int) -> tuple[int, dict[str, object]]:
 
 
 async def test_a_delivery_held_past_its_timeout_makes_the_worker_not_ready(broker: Broker) -> None:
-    app = broker.track(App(unique("progress")))
+    app = App(unique("progress"))
     release = asyncio.Event()
 
     @app.handler(Stubborn, timeout=0.5)
@@ -47,6 +47,8 @@ async def test_a_delivery_held_past_its_timeout_makes_the_worker_not_ready(broke
             await asyncio.sleep(3600)
         except asyncio.CancelledError:  # a handler that will not be stopped
             await release.wait()
+
+    broker.track(app)
 
     settings = make_settings(health_port=0, confirm_timeout=1.0)
     async with running_worker(app, settings) as worker:
@@ -65,10 +67,12 @@ async def test_a_delivery_held_past_its_timeout_makes_the_worker_not_ready(broke
 
 
 async def test_sessions_that_die_within_seconds_make_the_worker_not_ready(broker: Broker) -> None:
-    app = broker.track(App(unique("progress")))
+    app = App(unique("progress"))
 
     @app.handler(Stubborn)
     async def handle(task: Stubborn) -> None: ...
+
+    broker.track(app)
 
     upstream = urlsplit(TEST_URL)
     async with TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 5672) as proxy:
