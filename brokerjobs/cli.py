@@ -30,18 +30,25 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def load_app(path: str) -> App:
-    """Import ``module:attribute`` and check that it is an App."""
+    """Import ``module:attribute`` and check that it is an App; errors say how to fix it."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise BrokerJobsError(f"expected MODULE:APP (e.g. myservice.jobs:app), got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BrokerJobsError(f"cannot import {module_name!r}: {exc}") from None
+        raise BrokerJobsError(
+            f"cannot import {module_name!r}: {exc}. Run brokerjobs from the directory that "
+            f"contains it, or add that directory to PYTHONPATH (current directory: {os.getcwd()})"
+        ) from None
     app = getattr(module, attribute, None)
-    if not isinstance(app, App):
-        raise BrokerJobsError(f"{path!r} is not a brokerjobs App (got {type(app).__name__})")
-    return app
+    if isinstance(app, App):
+        return app
+    apps = sorted(name for name, value in vars(module).items() if isinstance(value, App))
+    found = f"; its apps: {', '.join(apps)}" if apps else "; it defines no brokerjobs App"
+    if not hasattr(module, attribute):
+        raise BrokerJobsError(f"module {module_name!r} has no attribute {attribute!r}{found}")
+    raise BrokerJobsError(f"{path!r} is a {type(app).__name__}, not a brokerjobs App{found}")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

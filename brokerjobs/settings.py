@@ -96,13 +96,7 @@ class Settings(BaseModel):
         if not urls:
             raise ValueError("BROKERJOBS_URL is empty")
         for raw in urls:
-            parts = urlsplit(raw)
-            if parts.scheme not in ("amqp", "amqps"):
-                raise ValueError(
-                    f"BROKERJOBS_URL must start with amqp:// or amqps://, got {redact_url(raw)!r}"
-                )
-            if not parts.hostname:
-                raise ValueError(f"BROKERJOBS_URL has no host: {redact_url(raw)!r}")
+            _check_one_url(raw)
         if len({urlsplit(u).scheme for u in urls}) > 1:
             raise ValueError("BROKERJOBS_URL mixes amqp:// and amqps:// nodes")
         return value
@@ -117,6 +111,18 @@ class Settings(BaseModel):
             raise ValueError(
                 "set both BROKERJOBS_TLS_CERT_FILE and BROKERJOBS_TLS_KEY_FILE, or neither"
             )
+        tls_files = self.tls_ca_file or self.tls_cert_file
+        if tls_files and not self.uses_tls:
+            # An error, not a warning: TLS was asked for, and plain text would be sent instead.
+            raise ValueError(
+                "BROKERJOBS_TLS_* files are set but BROKERJOBS_URL uses amqp:// (plain text): "
+                "use amqps:// (port 5671) or unset the TLS files"
+            )
+        if tls_files:
+            try:
+                self.ssl_context()
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"the TLS files cannot be loaded: {exc}") from None
         return self
 
     @property
@@ -157,6 +163,27 @@ class Settings(BaseModel):
             "every unacked job. Lower BROKERJOBS_JOB_TIMEOUT, or raise consumer_timeout on the "
             "broker and set BROKERJOBS_BROKER_CONSUMER_TIMEOUT to match."
         )
+
+
+def _check_one_url(raw: str) -> None:
+    # Never echo a URL that did not parse: its password may sit where no redaction looks.
+    host = raw.rpartition("@")[2] if "@" in raw else raw.partition("://")[2]
+    parts = urlsplit(raw)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"BROKERJOBS_URL must start with amqp:// or amqps:// (host part {host!r})")
+    if "@" in parts.path + parts.query + parts.fragment or parts.fragment:
+        raise ValueError(
+            "BROKERJOBS_URL does not parse: the user or password seems to contain '/', '?' or "
+            "'#'; percent-encode them (/ as %2F, ? as %3F, # as %23, @ as %40)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"BROKERJOBS_URL has no host (host part {host!r})")
+    try:
+        parts.port  # noqa: B018 - parsing is the check
+    except ValueError:
+        raise ValueError(
+            f"BROKERJOBS_URL has an invalid port in {host!r}: give a number from 1 to 65535"
+        ) from None
 
 
 def _split_urls(value: str) -> list[str]:

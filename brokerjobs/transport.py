@@ -14,11 +14,12 @@ import logging
 import os
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -175,9 +176,47 @@ async def _connect_once(
         ) from None
     except TimeoutError:
         raise _Unreachable(f"no answer within {budget:g}s") from None
+    except amqp_errors.InvalidFrameError as exc:
+        if "Connection.Close" not in str(exc):
+            raise _Unreachable(f"{type(exc).__name__}: {_describe(exc)}") from None
+        raise BrokerUnreachable(_vhost_refused(settings, url)) from None
     except CONNECT_ERRORS as exc:
+        refused = _certificate_error(exc)
+        if refused is not None:  # retrying cannot help
+            raise BrokerUnreachable(
+                f"TLS: the certificate of RabbitMQ at {redact_url(url)} failed verification "
+                f"({refused.verify_message}). Give the CA that signed it in "
+                "BROKERJOBS_TLS_CA_FILE, or connect to the name the certificate is issued for."
+            ) from None
         raise _Unreachable(f"{type(exc).__name__}: {_describe(exc)}") from None
     return raw
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate failure inside an error (aiormq wraps it in AMQPConnectionError)."""
+    todo, seen = [exc], set()
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return error
+        todo.extend(a for a in error.args if isinstance(a, BaseException))
+        todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    return None
+
+
+def _vhost_refused(settings: Settings, url: str) -> str:
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    user = unquote(parts.username or "guest")
+    return (
+        f"RabbitMQ at {settings.safe_url} refused to open virtual host {vhost!r} for user "
+        f"{user!r}: it does not exist, or the user has no permission on it. Check the path in "
+        f"BROKERJOBS_URL (`rabbitmqctl list_vhosts`), or grant access (`rabbitmqctl "
+        f"set_permissions -p {vhost} {user} '.*' '.*' '.*'`)."
+    )
 
 
 def _describe(exc: BaseException) -> str:

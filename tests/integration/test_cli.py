@@ -37,8 +37,12 @@ async def test_an_app_path_that_does_not_import_is_a_clear_error() -> None:
     result = await asyncio.to_thread(run_cli, "worker", "no_such_module:app")
     assert result.returncode == 1
     assert "cannot import 'no_such_module'" in result.stderr
+    assert "PYTHONPATH" in result.stderr
     result = await asyncio.to_thread(run_cli, "worker", "examples.demo:nothing")
-    assert "is not a brokerjobs App" in result.stderr
+    assert "module 'examples.demo' has no attribute 'nothing'; its apps: app" in result.stderr
+    result = await asyncio.to_thread(run_cli, "worker", "examples.demo:log")
+    assert "is a Logger, not a brokerjobs App; its apps: app" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 async def test_an_unreachable_broker_fails_the_worker_without_leaking_the_password() -> None:
