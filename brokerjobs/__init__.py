@@ -17,6 +17,8 @@ from brokerjobs.retry import RetryPolicy
 from brokerjobs.settings import Settings
 from brokerjobs.worker import Worker
 
+__version__ = "0.1.0"  # kept equal to pyproject.toml's by a test
+
 __all__ = [
     "App",
     "BrokerJobsError",

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from brokerjobs import parking_cli
+from brokerjobs import __version__, parking_cli
 from brokerjobs.app import App
 from brokerjobs.errors import BrokerJobsError, TopologyError
 from brokerjobs.health import probe
@@ -153,7 +153,15 @@ async def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brokerjobs", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="brokerjobs",
+        description="Run, inspect and repair brokerjobs apps: workers, the scheduler, the "
+        "topology, queue stats, and parked jobs.",
+        epilog="Settings come from BROKERJOBS_* environment variables (see the README). "
+        "Exit codes: 0 done, 1 failure (broker, publish), 2 usage, 3 queue not found, "
+        "4 nothing matched (replay/purge).",
+    )
+    parser.add_argument("--version", action="version", version=f"brokerjobs {__version__}")
     parser.add_argument("--url", help="AMQP URL (default: $BROKERJOBS_URL)")
     parser.add_argument("--log-format", choices=["text", "json"])
     commands = parser.add_subparsers(dest="command", required=True)

@@ -212,3 +212,11 @@ def test_a_mistyped_variable_is_named_with_the_setting_it_resembles(
         "ignored; did you mean BROKERJOBS_JOB_TIMEOUT?"
     ]
     assert settings.job_timeout == 300.0
+
+
+def test_the_version_matches_the_package_metadata() -> None:
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert brokerjobs.__version__ == pyproject["project"]["version"]
