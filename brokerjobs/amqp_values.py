@@ -49,6 +49,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_DATETIME_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second datetime holds
 _U8, _U16, _U32, _I32, _U64 = (struct.Struct(f">{c}") for c in "BHIiQ")
 _DECIMAL = struct.Struct(">Bi")
+_F32, _F64 = struct.Struct(">f"), struct.Struct(">d")
 
 
 class UndecodableError(ValueError):
@@ -118,9 +119,17 @@ INT_TYPES: dict[bytes, type[TypedInt]] = {
 
 
 class Float32(float):
-    """A 32-bit AMQP float (``f``); a plain float is sent as a 64-bit double (``d``)."""
+    """A 32-bit AMQP float (``f``), rounded to 32 bits when made; a plain float is sent as a
+    64-bit double (``d``)."""
 
     __slots__ = ()
+
+    def __new__(cls, value: float = 0.0) -> Float32:
+        try:
+            (rounded,) = _F32.unpack(_F32.pack(value))
+        except (OverflowError, struct.error):
+            raise UnencodableError(f"{value!r} does not fit in a 32-bit float") from None
+        return super().__new__(cls, rounded)
 
     def __repr__(self) -> str:
         return f"Float32({float(self)!r})"
@@ -231,8 +240,8 @@ def _read_value(reader: _Reader, depth: int) -> Any:
 
 _SCALARS: dict[bytes, Callable[[_Reader], Any]] = {
     b"t": lambda r: r.take(1) != b"\x00",
-    b"f": lambda r: Float32(struct.unpack(">f", r.take(4))[0]),
-    b"d": lambda r: struct.unpack(">d", r.take(8))[0],
+    b"f": lambda r: Float32(r.unpack(_F32)),
+    b"d": lambda r: r.unpack(_F64),
     b"D": _read_decimal,
     b"S": _read_longstr,
     b"x": lambda r: r.longstr(),
@@ -364,9 +373,7 @@ def encode_value(value: Any, depth: int = 0) -> bytes:  # noqa: C901 - one branc
         return _encode_int(value)
     if isinstance(value, float):
         return (
-            (b"f" + struct.pack(">f", value))
-            if isinstance(value, Float32)
-            else (b"d" + struct.pack(">d", value))
+            (b"f" + _F32.pack(value)) if isinstance(value, Float32) else (b"d" + _F64.pack(value))
         )
     if isinstance(value, LongString):
         return _longstr(b"S", value)
