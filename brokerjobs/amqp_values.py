@@ -30,6 +30,7 @@ from RabbitMQ, which parses every header table on publish) becomes a single head
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -350,6 +351,12 @@ _RANGES: dict[type[TypedInt], tuple[int, int]] = {
 }
 
 
+def _encode_float(value: float) -> bytes:
+    if not math.isfinite(value):  # RabbitMQ closes the connection (541) on NaN/Infinity
+        raise UnencodableError(f"{value!r}: RabbitMQ accepts only finite floats")
+    return (b"f" + _F32.pack(value)) if isinstance(value, Float32) else (b"d" + _F64.pack(value))
+
+
 def _encode_decimal(value: Decimal) -> bytes:
     exponent = value.as_tuple().exponent
     if not isinstance(exponent, int):
@@ -372,9 +379,7 @@ def encode_value(value: Any, depth: int = 0) -> bytes:  # noqa: C901 - one branc
     if isinstance(value, int):
         return _encode_int(value)
     if isinstance(value, float):
-        return (
-            (b"f" + _F32.pack(value)) if isinstance(value, Float32) else (b"d" + _F64.pack(value))
-        )
+        return _encode_float(value)
     if isinstance(value, LongString):
         return _longstr(b"S", value)
     if isinstance(value, bytes | bytearray | memoryview):

@@ -640,7 +640,7 @@ def _to_delivery(message: DeliveredMessage) -> Delivery:
         content_encoding=props.content_encoding,
         reply_to=props.reply_to,
         user_id=props.user_id,
-        cluster_id=props.cluster_id or None,  # pamqp's default for an absent one is ""
+        cluster_id=props.cluster_id,
     )
 
 
@@ -659,6 +659,7 @@ def _decode_content_header(frame_data: bytes) -> pamqp.header.ContentHeader:
     except struct.error as exc:  # a frame this short is a protocol error, not a message
         raise pamqp.exceptions.UnmarshalingException("ContentHeader", exc) from exc
     properties = header.properties
+    setattr(properties, "cluster_id", None)  # pamqp's default "" would be a present, empty one
     for name, value in amqp_values.decode_properties(frame_data[_CONTENT_HEADER.size :]).items():
         setattr(properties, _PAMQP_NAMES.get(name, name), value)
     return header

@@ -132,6 +132,8 @@ def _raw_table(table: dict[str, Any]) -> bytes:
     [
         ({1, 2}, "set is not an AMQP field type"),
         (1 << 64, "does not fit in 64 bits"),
+        (float("nan"), "only finite floats"),
+        (av.Float32(float("inf")), "only finite floats"),
         (Decimal("NaN"), "not finite"),
         (Decimal("1e-300"), "scale 0..255"),
         (datetime(1969, 1, 1, tzinfo=UTC), "outside 0"),
