@@ -658,8 +658,8 @@ def _decode_content_header(frame_data: bytes) -> pamqp.header.ContentHeader:
         header.class_id, header.weight, header.body_size = _CONTENT_HEADER.unpack_from(frame_data)
     except struct.error as exc:  # a frame this short is a protocol error, not a message
         raise pamqp.exceptions.UnmarshalingException("ContentHeader", exc) from exc
-    properties = header.properties
-    setattr(properties, "cluster_id", None)  # pamqp's default "" would be a present, empty one
+    properties: Any = header.properties  # typed values where pamqp declares plain ones
+    properties.cluster_id = None  # pamqp's default "" would be a present, empty one
     for name, value in amqp_values.decode_properties(frame_data[_CONTENT_HEADER.size :]).items():
         setattr(properties, _PAMQP_NAMES.get(name, name), value)
     return header
