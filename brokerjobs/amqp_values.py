@@ -192,7 +192,8 @@ class _Reader:
         return chunk
 
     def unpack(self, packer: struct.Struct) -> Any:
-        (value,) = packer.unpack(self.take(packer.size))
+        (value,) = packer.unpack_from(self.data, self.pos)  # struct.error when short
+        self.pos += packer.size
         return value
 
     def longstr(self) -> bytes:
