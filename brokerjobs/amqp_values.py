@@ -369,36 +369,46 @@ def _encode_decimal(value: Decimal) -> bytes:
     return b"D" + _DECIMAL.pack(scale, mantissa)
 
 
-def encode_value(value: Any, depth: int = 0) -> bytes:  # noqa: C901 - one branch per wire type
+def encode_value(value: Any, depth: int = 0) -> bytes:
     """One field value with its type tag; raises UnencodableError."""
-    if isinstance(value, str):
-        return _longstr(b"S", value.encode("utf-8", "surrogateescape"))
-    if isinstance(value, bool):
-        return b"t\x01" if value else b"t\x00"
-    if isinstance(value, Timestamp):
-        return b"T" + _U64.pack(timestamp_seconds(value))
-    if isinstance(value, int):
-        return _encode_int(value)
-    if isinstance(value, float):
-        return _encode_float(value)
-    if isinstance(value, LongString):
-        return _longstr(b"S", value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return _longstr(b"x", bytes(value))
-    if value is None:
-        return b"V"
-    if isinstance(value, datetime):
-        return b"T" + _U64.pack(timestamp_seconds(value))
-    if isinstance(value, Decimal):
-        return _encode_decimal(value)
+    for kind in type(value).__mro__:  # the most specific type first: bool before int
+        encoder = _ENCODERS.get(kind)
+        if encoder is not None:
+            return encoder(value, depth)
+    if isinstance(value, Mapping):
+        return _encode_nested(value, depth)
+    raise UnencodableError(f"{type(value).__name__} is not an AMQP field type ({value!r:.60})")
+
+
+def _encode_nested(value: Any, depth: int) -> bytes:
     if depth >= MAX_DEPTH:
         raise UnencodableError(f"nested deeper than {MAX_DEPTH}")
     if isinstance(value, Mapping):
         return b"F" + encode_table(value, depth + 1)
-    if isinstance(value, list | tuple):
-        body = b"".join(encode_value(item, depth + 1) for item in value)
-        return b"A" + _U32.pack(len(body)) + body
-    raise UnencodableError(f"{type(value).__name__} is not an AMQP field type ({value!r:.60})")
+    body = b"".join(encode_value(item, depth + 1) for item in value)
+    return b"A" + _U32.pack(len(body)) + body
+
+
+def _encode_timestamp(value: datetime | int, _: int = 0) -> bytes:
+    return b"T" + _U64.pack(timestamp_seconds(value))
+
+
+_ENCODERS: dict[type, Callable[[Any, int], bytes]] = {
+    str: lambda value, _: _longstr(b"S", value.encode("utf-8", "surrogateescape")),
+    bool: lambda value, _: b"t\x01" if value else b"t\x00",
+    Timestamp: _encode_timestamp,
+    datetime: _encode_timestamp,
+    int: lambda value, _: _encode_int(value),
+    float: lambda value, _: _encode_float(value),
+    Decimal: lambda value, _: _encode_decimal(value),
+    LongString: lambda value, _: _longstr(b"S", value),
+    bytes: lambda value, _: _longstr(b"x", value),
+    bytearray: lambda value, _: _longstr(b"x", bytes(value)),
+    type(None): lambda value, _: b"V",
+    dict: _encode_nested,
+    list: _encode_nested,
+    tuple: _encode_nested,
+}
 
 
 def encode_table(table: Mapping[str, Any], depth: int = 0) -> bytes:

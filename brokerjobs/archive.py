@@ -63,28 +63,38 @@ class Digest:
 # -- typed values <-> JSON -------------------------------------------------------------------
 
 
-def _tag(value: Any) -> Any:  # noqa: C901 - one branch per AMQP type
-    if value is None or isinstance(value, str | bool):
-        return value
-    if isinstance(value, av.TypedInt):
-        return {f"${value.tag.decode()}": int(value)}
-    if isinstance(value, av.Timestamp | datetime):
-        return {"$T": av.timestamp_seconds(value)}
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return {"$f" if isinstance(value, av.Float32) else "$d": float(value).hex()}
-    if isinstance(value, Decimal):
-        return {"$D": str(value)}
-    if isinstance(value, av.LongString):
-        return {"$S": base64.b64encode(value).decode()}
-    if isinstance(value, bytes | bytearray):
-        return {"$x": base64.b64encode(value).decode()}
+def _tag(value: Any) -> Any:
+    for kind in type(value).__mro__:  # the most specific type first: bool before int
+        tagger = _TAGGERS.get(kind)
+        if tagger is not None:
+            return tagger(value)
     if isinstance(value, Mapping):
-        return {"$F": {str(k): _tag(v) for k, v in value.items()}}
-    if isinstance(value, list | tuple):
-        return [_tag(v) for v in value]
+        return _TAGGERS[dict](value)
     raise av.UnencodableError(f"{type(value).__name__} is not an AMQP field type")
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+_TAGGERS: dict[type, Callable[[Any], Any]] = {
+    str: lambda value: value,
+    bool: lambda value: value,
+    type(None): lambda value: value,
+    av.TypedInt: lambda value: {f"${value.tag.decode()}": int(value)},
+    av.Timestamp: lambda value: {"$T": int(value)},
+    datetime: lambda value: {"$T": av.timestamp_seconds(value)},
+    int: lambda value: value,
+    av.Float32: lambda value: {"$f": float(value).hex()},
+    float: lambda value: {"$d": value.hex()},
+    Decimal: lambda value: {"$D": str(value)},
+    av.LongString: lambda value: {"$S": _b64(value)},
+    bytes: lambda value: {"$x": _b64(value)},
+    bytearray: lambda value: {"$x": _b64(value)},
+    dict: lambda value: {"$F": {str(k): _tag(v) for k, v in value.items()}},
+    list: lambda value: [_tag(v) for v in value],
+    tuple: lambda value: [_tag(v) for v in value],
+}
 
 
 def _untag_typed(tag: str, raw: Any) -> Any:
