@@ -3,7 +3,9 @@
 Every operation scans the parking queue once, holding each message unacked while it decides.
 A replayed message is published with a confirm *before* its parked copy is acked; a message
 that is not selected stays unacked and returns to its place when the scan's channel closes.
-A crash at any point therefore leaves each job parked, replayed, or (rarely) both.
+A crash at any point therefore leaves each job parked, replayed, or (rarely) both. A purge acks
+nothing before its scan has ended, so it removes all it matched or (killed, or its expectation
+not met) none. Export and import go through ``archive``: verified files, re-runnable imports.
 """
 
 from __future__ import annotations
@@ -384,6 +386,8 @@ class ParkingLot:
         """``gate`` runs after the scan, before any removal is acked; raising keeps them all."""
         total = await self.depth()
         if total == 0:
+            if gate is not None:
+                gate()
             return
         now = datetime.now(UTC)
         reader = await self.connection.channel(confirms=False)  # no prefetch: hold them all

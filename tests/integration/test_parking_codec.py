@@ -24,11 +24,13 @@ from tests.support.amqp_strategies import messages
 from tests.support.broker import TEST_URL, Broker, make_settings, unique
 from tests.support.codec_checks import differences, park_copy, wire_of
 
-# Bounded for CI; a long run: BJ_ROUNDTRIP_EXAMPLES=100 BJ_ROUNDTRIP_MIN_BATCH=100
-# BJ_ROUNDTRIP_BATCH=100 (exactly 10,000 generated messages).
+# Bounded for CI; a long run, e.g. BJ_ROUNDTRIP_EXAMPLES=600 BJ_ROUNDTRIP_BATCH=40 with -s:
+# BJ_ROUNDTRIP_REPORT=1 prints the running count of messages and differences.
 EXAMPLES = int(os.environ.get("BJ_ROUNDTRIP_EXAMPLES", "20"))
 BATCH = int(os.environ.get("BJ_ROUNDTRIP_BATCH", "25"))
 MIN_BATCH = int(os.environ.get("BJ_ROUNDTRIP_MIN_BATCH", "1"))
+REPORT = bool(os.environ.get("BJ_ROUNDTRIP_REPORT"))
+_totals = {"messages": 0, "differences": 0}
 
 
 class RawProperties:
@@ -138,13 +140,21 @@ async def test_the_broker_refuses_another_user_id_so_copies_carry_it_in_a_header
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 @given(st.lists(messages(), min_size=MIN_BATCH, max_size=BATCH, unique_by=lambda m: m.message_id))
 def test_original_parked_exported_imported_and_replayed_are_the_same_message(
     originals: list[OutgoingMessage],
 ) -> None:
     problems = asyncio.run(round_trip(originals))
+    _totals["messages"] += len(originals)
+    _totals["differences"] += len(problems)
+    if REPORT:
+        print(f"round trip: {_totals['messages']} messages, {_totals['differences']} differences")
     assert problems == []
 
 
