@@ -280,7 +280,7 @@ def decode_properties(data: bytes) -> dict[str, Any]:
     """
     try:
         return _decode_properties(_Reader(data))
-    except (UndecodableError, struct.error, IndexError, ValueError, OverflowError):
+    except Exception:  # whatever the bytes, never an exception out of the frame reader
         return {"headers": {RAW_PROPERTIES: bytes(data)}}
 
 
