@@ -89,3 +89,43 @@ def test_an_export_that_meets_an_unwritable_record_leaves_no_file(tmp_path: Path
         write_export(target, [good, bad])
     assert target.read_text() == "the previous export\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_a_copy_keeps_every_property_and_absent_stays_absent() -> None:
+    from brokerjobs.envelope import copy_of
+
+    bare = Delivery(b"x", 1, "", "q", False, message_id="m")
+    copy = copy_of(bare, {})
+    assert (copy.priority, copy.delivery_mode, copy.content_type, copy.timestamp) == (
+        None, None, None, None,
+    )  # fmt: skip
+    full = as_delivered(
+        OutgoingMessage(
+            b"x",
+            "m",
+            "j",
+            0,
+            {"h": av.Int64(1)},
+            av.Timestamp(1 << 40),
+            "text/plain",
+            60_000,
+            1,
+            "c",
+            "a",
+            "gzip",
+            "r",
+            "guest",
+            "cl",
+        )
+    )
+    copy = copy_of(full, dict(full.headers))
+    assert (copy.priority, copy.delivery_mode, copy.content_encoding, copy.reply_to) == (
+        0, 1, "gzip", "r",
+    )  # fmt: skip
+    assert (copy.timestamp, copy.cluster_id, copy.user_id, copy.expiration_ms) == (
+        av.Timestamp(1 << 40), "cl", None, None,
+    )  # fmt: skip
+    assert copy.headers == {
+        "h": 1, "bj-original-user-id": "guest", "bj-original-expiration": "60000",
+    }  # fmt: skip
+    assert type(copy.headers["h"]) is av.Int64
