@@ -226,7 +226,7 @@ def parked_messages(cfg: ChildConfig, count: int) -> list[OutgoingMessage]:
             priority=sent.priority,
             timestamp=first_failed_at - timedelta(milliseconds=5),
             headers=sent.headers,
-            persistent=True,
+            delivery_mode=2,
         )
         message = parked_message(delivery, cfg.queue, failure, decision)
         message.headers[wire.LAST_FAILED_AT] = message.headers[wire.PARKED_AT] = _stamp(parked_at)

@@ -54,26 +54,50 @@ BROKER_DEATH_HEADERS = (
 )
 
 
+# A copy (retry, park, replay) cannot carry these two properties as they were: the broker refuses
+# a `user_id` other than the publishing connection's user, and an `expiration` would expire the
+# parked copy. They move into these headers instead (only when the original had them).
+ORIGINAL_USER_ID = "bj-original-user-id"
+ORIGINAL_EXPIRATION = "bj-original-expiration"
+
+
 @dataclass(slots=True)
 class OutgoingMessage:
-    """A message ready to publish, independent of any AMQP library."""
+    """A message ready to publish, independent of any AMQP library.
+
+    Every AMQP basic property; None is absent on the wire (``priority=None`` is not 0,
+    ``delivery_mode=None`` is not 1). Header values keep their AMQP type (``amqp_values``).
+    """
 
     body: bytes
     message_id: str
-    job_name: str | None
-    priority: int
+    job_name: str | None  # the `type` property
+    priority: int | None
     headers: dict[str, Any]
-    timestamp: datetime | None = None
+    timestamp: datetime | int | None = None  # an int: seconds beyond datetime's range
     content_type: str | None = CONTENT_TYPE
     expiration_ms: int | None = None
-    persistent: bool = True
+    delivery_mode: int | None = 2
     correlation_id: str | None = None
     app_id: str | None = None
+    content_encoding: str | None = None
+    reply_to: str | None = None
+    user_id: str | None = None
+    cluster_id: str | None = None
+
+    @property
+    def persistent(self) -> bool:
+        return self.delivery_mode == 2
 
 
 @dataclass(slots=True)
 class Delivery:
-    """A message as the broker delivered it, independent of any AMQP library."""
+    """A message as the broker delivered it, independent of any AMQP library.
+
+    Carries every AMQP basic property as received (None = absent); header values and the
+    timestamp keep their AMQP types (``amqp_values``: a timestamp beyond datetime's range is a
+    ``Timestamp`` int).
+    """
 
     body: bytes
     delivery_tag: int
@@ -84,12 +108,20 @@ class Delivery:
     job_name: str | None = None
     content_type: str | None = None
     priority: int | None = None
-    timestamp: datetime | None = None
+    timestamp: datetime | int | None = None
     headers: dict[str, Any] = field(default_factory=dict)
     correlation_id: str | None = None
     app_id: str | None = None
     expiration: str | None = None
-    persistent: bool = False
+    delivery_mode: int | None = None
+    content_encoding: str | None = None
+    reply_to: str | None = None
+    user_id: str | None = None
+    cluster_id: str | None = None
+
+    @property
+    def persistent(self) -> bool:
+        return self.delivery_mode == 2
 
     @property
     def attempt(self) -> int:
@@ -130,17 +162,29 @@ def new_job_id() -> str:
 
 
 def copy_of(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
-    """The same job (body, id, properties) with new headers: for retries, parking and replays."""
+    """The same job with new headers, for retries, parking and replays: body, id and every
+    property as delivered (absent stays absent), except ``user_id`` and ``expiration``, which
+    move into ORIGINAL_USER_ID / ORIGINAL_EXPIRATION (see there). A job without a
+    ``message_id`` gets one: it is the job id that parking and replay select by.
+    """
+    if delivery.user_id is not None:
+        headers.setdefault(ORIGINAL_USER_ID, delivery.user_id)
+    if delivery.expiration is not None:
+        headers.setdefault(ORIGINAL_EXPIRATION, delivery.expiration)
     return OutgoingMessage(
         body=delivery.body,
         message_id=delivery.message_id or new_job_id(),
         job_name=delivery.job_name,
-        priority=delivery.priority or 0,
+        priority=delivery.priority,
         headers=headers,
         timestamp=delivery.timestamp,
         content_type=delivery.content_type,
+        delivery_mode=delivery.delivery_mode,
         correlation_id=delivery.correlation_id,
         app_id=delivery.app_id,
+        content_encoding=delivery.content_encoding,
+        reply_to=delivery.reply_to,
+        cluster_id=delivery.cluster_id,
     )
 
 

@@ -8,7 +8,8 @@ BrokerJobsError
 │   └── TopologyMismatch        an existing queue has other arguments
 ├── PublishError                a publish was not confirmed
 │   ├── UnroutableJob           no queue is bound for the routing key
-│   └── PublishNacked           the broker refused the message
+│   ├── PublishNacked           the broker refused the message
+│   └── UnencodableMessage      a property or header value AMQP cannot carry (never sent)
 └── ParkingError                replay tool failures (queue missing, empty selection)
 """
 
@@ -52,6 +53,10 @@ class UnroutableJob(PublishError):
 
 class PublishNacked(PublishError):
     """The broker refused (nacked) the message."""
+
+
+class UnencodableMessage(PublishError):
+    """The message has a property or header value that AMQP cannot carry; it was not sent."""
 
 
 class PublishInterrupted(PublishError):

@@ -57,7 +57,7 @@ class _Queue:
 
     def push(self, stored: _Stored) -> None:
         # A requeued message keeps its sequence number: it goes back to its old place.
-        priority = min(stored.message.priority, self._max_priority)
+        priority = min(stored.message.priority or 0, self._max_priority)
         heapq.heappush(self._heap, (-priority, stored.seq, stored))
 
     def pop(self) -> _Stored:
@@ -184,7 +184,11 @@ def _delivery(stored: _Stored, tag: int) -> Delivery:
         correlation_id=message.correlation_id,
         app_id=message.app_id,
         expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
-        persistent=message.persistent,
+        delivery_mode=message.delivery_mode,
+        content_encoding=message.content_encoding,
+        reply_to=message.reply_to,
+        user_id=message.user_id,
+        cluster_id=message.cluster_id,
     )
 
 

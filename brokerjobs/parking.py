@@ -3,7 +3,9 @@
 Every operation scans the parking queue once, holding each message unacked while it decides.
 A replayed message is published with a confirm *before* its parked copy is acked; a message
 that is not selected stays unacked and returns to its place when the scan's channel closes.
-A crash at any point therefore leaves each job parked, replayed, or (rarely) both.
+A crash at any point therefore leaves each job parked, replayed, or (rarely) both. A purge acks
+nothing before its scan has ended, so it removes all it matched or (killed, or its expectation
+not met) none. Export and import go through ``archive``: verified files, re-runnable imports.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from brokerjobs import envelope as wire
-from brokerjobs.archive import from_record, read_records, to_record, write_records
+from brokerjobs.archive import Digest, Summary, read_export, record_line, write_export
 from brokerjobs.envelope import Decoded, Delivery, OutgoingMessage, decode
-from brokerjobs.errors import ParkingError, PublishError, TopologyError
+from brokerjobs.errors import ParkingError, TopologyError
 from brokerjobs.jobs import JobSpec
 from brokerjobs.settings import Settings
 from brokerjobs.telemetry import Telemetry
@@ -163,6 +165,16 @@ class Report:
     invalid: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     jobs: list[ParkedJob] = field(default_factory=list)
+    summary: Summary | None = None  # export: what the file holds; purge: what was purged
+
+
+@dataclass
+class ImportReport:
+    """What an import did, by job id: published, skipped (already parked), failed (reason)."""
+
+    published: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 Progress = Callable[[Report, int], None]
@@ -258,14 +270,41 @@ class ParkingLot:
         await self._scan(selection, report, visit)
         return report
 
-    async def purge(self, selection: Selection = EVERYTHING) -> Report:
+    async def purge(
+        self,
+        selection: Selection = EVERYTHING,
+        *,
+        expect: Summary | None = None,
+        expect_count: int | None = None,
+    ) -> Report:
+        """Delete the matching jobs, all or none: their acks are sent only after the whole scan,
+        and only if the matched jobs are exactly ``expect`` (the count and checksum an export
+        printed) or ``expect_count`` many; otherwise ParkingError and nothing is deleted."""
         report = Report()
+        digest = Digest()
 
         async def visit(job: ParkedJob) -> Verdict:
+            if expect is not None:
+                digest.add(record_line(job.delivery))
             report.purged += 1
             return Verdict.REMOVE
 
-        await self._scan(selection, report, visit)
+        def gate() -> None:
+            found = digest.summary() if expect is not None else None
+            if expect_count is not None and report.purged != expect_count:
+                raise ParkingError(_refusal(f"{report.purged} job(s)", f"{expect_count}"))
+            if expect is not None and found != expect:
+                raise ParkingError(
+                    _refusal(f"{digest.count} job(s), sha256 {digest.summary().sha256}",
+                             f"{expect.count} job(s), sha256 {expect.sha256}")
+                )  # fmt: skip
+            report.summary = found
+
+        try:
+            await self._scan(selection, report, visit, gate=gate)
+        except ParkingError:
+            report.purged = 0
+            raise
         return report
 
     async def replay(
@@ -300,24 +339,39 @@ class ParkingLot:
         return report
 
     async def export(self, path: Path, selection: Selection = EVERYTHING) -> Report:
-        """Write matching jobs to a JSON Lines file (lossless); nothing is moved."""
+        """Write matching jobs to an export file, all or nothing (``archive.write_export``);
+        nothing is moved. ``report.summary`` is the file's count and checksum."""
         report = await self.list(selection)
-        write_records(path, (to_record(job.delivery) for job in report.jobs))
+        report.summary = write_export(path, (job.delivery for job in report.jobs))
         return report
 
-    async def import_(self, path: Path) -> int:
-        """Publish every record of a JSON Lines export into this parking queue (confirmed)."""
-        messages = [from_record(record) for record in read_records(path)]
+    async def import_(self, path: Path) -> ImportReport:
+        """Publish the records of an export file into this parking queue, confirmed.
+
+        The whole file is verified first (format, count, checksum). Records whose job id is
+        already in the parking queue are skipped, so an import that failed midway can simply
+        be run again. Each record is published as ``envelope.copy_of`` would copy it.
+        """
+        deliveries, _ = read_export(path)
+        present = {job.job_id for job in (await self.list()).jobs}
+        report = ImportReport()
+        todo = []
+        for delivery in deliveries:
+            if delivery.message_id and delivery.message_id in present:
+                report.skipped.append(delivery.message_id)
+            else:
+                todo.append(wire.copy_of(delivery, dict(delivery.headers)))
         channel = await self.connection.channel(confirms=True)
         try:
             failed = await channel.publish_many(
-                ((m, DEFAULT_EXCHANGE, self.parking_queue) for m in messages), self._window
+                ((m, DEFAULT_EXCHANGE, self.parking_queue) for m in todo), self._window
             )
         finally:
             await channel.close()
-        if failed:
-            raise ParkingError(f"{len(failed)} of {len(messages)} imported jobs unconfirmed")
-        return len(messages)
+        reasons = {message.message_id: str(exc) for message, exc in failed}
+        report.failed = list(reasons.items())
+        report.published = [m.message_id for m in todo if m.message_id not in reasons]
+        return report
 
     # -- the one scan ------------------------------------------------------------------------
 
@@ -327,9 +381,13 @@ class ParkingLot:
         report: Report,
         visit: Callable[[ParkedJob], Awaitable[Verdict]],
         progress: Progress | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> None:
+        """``gate`` runs after the scan, before any removal is acked; raising keeps them all."""
         total = await self.depth()
         if total == 0:
+            if gate is not None:
+                gate()
             return
         now = datetime.now(UTC)
         reader = await self.connection.channel(confirms=False)  # no prefetch: hold them all
@@ -349,6 +407,8 @@ class ParkingLot:
                     await settling.settle(delivery, job, verdict)
                 if progress is not None:
                     progress(report, total)
+            if gate is not None:
+                gate()
             await settling.finish()
         finally:
             report.kept = report.scanned - report.replayed - report.purged
@@ -363,6 +423,13 @@ class ParkingLot:
             return False
         report.matched += 1
         return True
+
+
+def _refusal(found: str, expected: str) -> str:
+    return (
+        f"refusing to purge: the parking queue matches {found}, the export had {expected}; "
+        "nothing was purged. Export again (and keep that file) before purging."
+    )
 
 
 class _Settler:
@@ -383,11 +450,12 @@ class _Settler:
         self._queue = queue
         self._slots = asyncio.Semaphore(window)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._removals: list[int] = []  # acked in finish(), after the whole scan
         self._report = report
 
     async def settle(self, delivery: Delivery, job: ParkedJob, verdict: Verdict) -> None:
         if verdict is Verdict.REMOVE:
-            await self._reader.ack(delivery.delivery_tag)
+            self._removals.append(delivery.delivery_tag)
         elif verdict is Verdict.REPLAY:
             await self._slots.acquire()
             task = asyncio.create_task(self._replay(delivery, job))
@@ -408,14 +476,16 @@ class _Settler:
                 await self._writer.publish(message, DEFAULT_EXCHANGE, self._queue)
             await self._reader.ack(delivery.delivery_tag)
             self._report.replayed += 1
-        except PublishError as exc:
-            self._report.failed.append((job.job_id, str(exc)))
+        except Exception as exc:  # whatever fails, the job stays parked and is reported
+            self._report.failed.append((job.job_id, str(exc) or type(exc).__name__))
         finally:
             self._slots.release()
 
     async def finish(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks)
+        for tag in self._removals:
+            await self._reader.ack(tag)
 
 
 async def _deliveries(channel: Channel, queue: str, total: int) -> AsyncIterator[Delivery]:

@@ -1,6 +1,7 @@
 """``brokerjobs parked ...``: the operators' replay tool, thin over ``brokerjobs.parking``.
 
-Exit codes: 0 done, 1 broker or publish failure, 2 usage, 3 queue not found, 4 nothing matched.
+Exit codes: 0 done, 1 broker, publish, export or import failure (or ``purge --expect-*`` found
+other jobs than expected: nothing purged), 2 usage, 3 queue not found, 4 nothing matched.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from brokerjobs.archive import Summary
 from brokerjobs.errors import ParkingError
 from brokerjobs.parking import ParkedJob, ParkingLot, Report, Selection
 from brokerjobs.settings import Settings
@@ -64,6 +66,15 @@ def add_parser(commands: Any) -> None:
             action.add_argument("--validate", metavar="MODULE:APP", help="check payloads first")
         if name == "purge":
             action.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+            action.add_argument(
+                "--expect-count", type=int, metavar="N", help="purge only if exactly N match"
+            )
+            action.add_argument(
+                "--expect-checksum",
+                metavar="SHA256",
+                help="purge only if the matching jobs are exactly those an export with this "
+                "checksum holds (with --expect-count)",
+            )
         action.set_defaults(handler=run)
 
 
@@ -141,7 +152,7 @@ async def _replay(lot: ParkingLot, args: argparse.Namespace) -> int:
     for job_id, reason in report.invalid:
         print(f"kept {job_id}: payload invalid: {reason}", file=sys.stderr)
     for job_id, reason in report.failed:
-        print(f"kept {job_id}: replay not confirmed: {reason}", file=sys.stderr)
+        print(f"kept {job_id}: {reason}", file=sys.stderr)
     if report.failed:
         return EXIT_FAILED
     return EXIT_OK if report.jobs else EXIT_NOTHING
@@ -149,6 +160,9 @@ async def _replay(lot: ParkingLot, args: argparse.Namespace) -> int:
 
 async def _purge(lot: ParkingLot, args: argparse.Namespace) -> int:
     selection = selection_from(args)
+    if args.expect_checksum and args.expect_count is None:
+        print("brokerjobs: --expect-checksum needs --expect-count", file=sys.stderr)
+        return EXIT_USAGE
     if not args.yes:
         preview = await lot.list(selection)
         if not preview.jobs:
@@ -164,22 +178,38 @@ async def _purge(lot: ParkingLot, args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("aborted: nothing purged")
             return EXIT_OK
-        selection = Selection(ids=frozenset(j.job_id for j in preview.jobs))
-    report = await lot.purge(selection)
+        if args.expect_count is None:
+            selection = Selection(ids=frozenset(j.job_id for j in preview.jobs))
+    expect = Summary(args.expect_count, args.expect_checksum) if args.expect_checksum else None
+    report = await lot.purge(selection, expect=expect, expect_count=args.expect_count)
     print(f"purged {report.purged} job(s); {report.kept} still parked")
     return EXIT_OK if report.purged else EXIT_NOTHING
 
 
 async def _export(lot: ParkingLot, args: argparse.Namespace) -> int:
     report = await lot.export(args.file, selection_from(args))
-    print(f"exported {len(report.jobs)} job(s) to {args.file}; nothing was moved")
+    summary = report.summary
+    assert summary is not None
+    print(
+        f"exported {summary.count} job(s) to {args.file}; sha256 {summary.sha256}; "
+        "nothing was moved"
+    )
     return EXIT_OK if report.jobs else EXIT_NOTHING
 
 
 async def _import(lot: ParkingLot, args: argparse.Namespace) -> int:
-    count = await lot.import_(args.file)
-    print(f"imported {count} job(s) into {lot.parking_queue}")
-    return EXIT_OK
+    report = await lot.import_(args.file)
+    for job_id in report.published:
+        print(f"published {job_id}")
+    for job_id in report.skipped:
+        print(f"skipped {job_id}: already parked")
+    for job_id, reason in report.failed:
+        print(f"failed {job_id}: {reason}", file=sys.stderr)
+    print(
+        f"imported {len(report.published)} job(s) into {lot.parking_queue}; "
+        f"{len(report.skipped)} already there; {len(report.failed)} failed"
+    )
+    return EXIT_FAILED if report.failed else EXIT_OK
 
 
 _ACTIONS = {
@@ -220,6 +250,8 @@ def _details(job: ParkedJob) -> dict[str, Any]:
             "priority": delivery.priority,
             "timestamp": delivery.timestamp,
             "correlation_id": delivery.correlation_id,
+            "reply_to": delivery.reply_to,
+            "delivery_mode": delivery.delivery_mode,
         },
         "headers": delivery.headers,
     }

@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from brokerjobs.amqp_values import Timestamp
+
 JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
 UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 # Header integers beyond this many digits are not counts a producer meant (10**30 attempts).
@@ -37,7 +39,7 @@ def header_int(
         if not digits.isdigit() or not digits.isascii() or len(digits) > MAX_HEADER_INT_DIGITS:
             return default
         value = int(text)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, int) or isinstance(value, bool | Timestamp):  # a time is no count
         return default
     return value if low <= value <= high else default
 

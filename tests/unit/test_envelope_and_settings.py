@@ -166,20 +166,36 @@ def test_otlp_export_is_configured_from_the_standard_environment_variable() -> N
     assert result.stdout.split() == ["True", "True"]
 
 
-def test_cached_property_encoding_is_byte_identical_to_pamqp() -> None:
-    from brokerjobs.transport import _pamqp_properties, _properties
+def test_cached_property_encoding_is_byte_identical_to_encoding_each_message() -> None:
+    from brokerjobs.transport import _encode_properties, _properties
 
     first = encode(Welcome(user_id=1), headers={"traceparent": "00-abc-def-01"})
     second = encode(Welcome(user_id=2), headers={"traceparent": "00-abc-def-01"})
     second.timestamp = first.timestamp
     for message in (first, second):
-        assert _properties(message).marshal() == _pamqp_properties(
-            message, message.message_id
-        ).marshal()
+        assert _properties(message).marshal() == _encode_properties(message, message.message_id)
     odd = encode(Welcome(user_id=3), message_id="x")
-    assert _properties(odd).marshal() == _pamqp_properties(odd, "x").marshal()
+    assert _properties(odd).marshal() == _encode_properties(odd, "x")
     nested = encode(Welcome(user_id=4), headers={"x-death": [{"count": 1}]})
-    assert _properties(nested).marshal() == _pamqp_properties(nested, nested.message_id).marshal()
+    assert _properties(nested).marshal() == _encode_properties(nested, nested.message_id)
+
+
+def test_a_fresh_job_goes_out_exactly_as_pamqp_encoded_it() -> None:
+    from pamqp.commands import Basic
+
+    from brokerjobs.transport import _properties
+
+    message = encode(Welcome(user_id=1))
+    expected = Basic.Properties(
+        content_type=message.content_type,
+        delivery_mode=2,
+        priority=message.priority,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        message_type=message.job_name,
+        headers=message.headers,
+    )
+    assert _properties(message).marshal() == expected.marshal()
 
 
 def test_a_mistyped_variable_is_named_with_the_setting_it_resembles(
