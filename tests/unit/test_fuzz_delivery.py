@@ -3,7 +3,8 @@
 Runs the real consumer, settlement and retry policy on the in-memory broker. Every message
 published ends in exactly one place: handled, or parked with a reason; nothing stays unacked
 and no retry tier holds anything once the virtual clock has run out.
-``BROKERJOBS_FUZZ_EXAMPLES`` raises the number of examples for a long run.
+``BROKERJOBS_FUZZ_EXAMPLES`` and ``BROKERJOBS_FUZZ_BATCH`` make a long run; with ``-s`` it
+prints how many messages went through.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from brokerjobs.testing import TestBroker
 from tests.support.wire_fuzz import JOB_NAME, FuzzJob, messages
 
 EXAMPLES = int(os.environ.get("BROKERJOBS_FUZZ_EXAMPLES", "1500"))
+BATCH = int(os.environ.get("BROKERJOBS_FUZZ_BATCH", "6"))  # messages per example, at most
+PUBLISHED: list[int] = []  # messages per example run, for a long run's report
 SETTINGS = load_settings(max_body_bytes=16_384, max_json_depth=32)
 REGRESSIONS: list[OutgoingMessage] = [
     # Inputs that once stalled a worker or crashed the decoder (issue 9).
@@ -67,6 +70,12 @@ def test_regression_corpus_is_parked_or_handled() -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(st.lists(messages(), min_size=1, max_size=6))
+@given(st.lists(messages(), min_size=max(1, BATCH // 2), max_size=BATCH))
 def test_generated_messages_never_stall_loop_or_vanish(batch: list[OutgoingMessage]) -> None:
     asyncio.run(_every_message_ends_in_exactly_one_place(batch))
+    PUBLISHED.append(len(batch))
+
+
+def teardown_module() -> None:
+    if PUBLISHED:
+        print(f"\n[fuzz] {len(PUBLISHED)} examples passed, {sum(PUBLISHED)} messages")
