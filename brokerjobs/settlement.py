@@ -116,10 +116,9 @@ def _traceback(exc: BaseException) -> str:
 
 
 def _copy(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
-    message = wire.copy_of(delivery, headers)
-    # A job published without `type` keeps its name: the next hop's routing key is a queue's.
-    message.job_name = message.job_name or delivery.original_job_name
-    return message
+    # A job published without `type` keeps it absent (the copy is faithful); its name survives
+    # in bj-origin-routing-key, which Delivery.original_job_name reads on the next hop.
+    return wire.copy_of(delivery, headers)
 
 
 def retry_message(

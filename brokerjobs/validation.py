@@ -41,7 +41,7 @@ def header_int(
         value = int(text)
     if not isinstance(value, int) or isinstance(value, bool | Timestamp):  # a time is no count
         return default
-    return value if low <= value <= high else default
+    return int(value) if low <= value <= high else default  # plain int, not the wire's Int8
 
 
 def header_text(headers: Mapping[str, Any], key: str, max_chars: int = 1000) -> str | None:

@@ -207,4 +207,5 @@ async def test_poison_mix_parks_each_bad_message_once_and_handles_every_good_one
         reason = str(delivery.headers.get(PARK_REASON))
         assert EXPECTED[kinds[delivery.message_id or ""]] in reason, reason  # type: ignore[operator]
     no_type = [d for d in parked if kinds[d.message_id or ""] == "no-type-failing"]
-    assert {d.job_name for d in no_type} == {JOB_NAME}  # the name survived the retry hop
+    assert {d.original_job_name for d in no_type} == {JOB_NAME}  # it survived the retry hop
+    assert {d.job_name for d in no_type} == {None}  # and `type` stays absent: a faithful copy
