@@ -212,10 +212,7 @@ async def test_the_snippet_runs_as_written(
     workspace: Workspace, request: pytest.FixtureRequest
 ) -> None:
     snippet: Snippet = request.node.callspec.params["workspace"]
-    try:
-        plan = classify(snippet)
-    except Unclassified as exc:
-        pytest.fail(str(exc), pytrace=False)
+    plan = classify(snippet)  # Unclassified: a block nobody said how to run fails the test
     if plan.kind == "skip":
         pytest.skip(f"{snippet.where}: {plan.target}")
     elif plan.kind == "signature":
