@@ -394,7 +394,7 @@ def _value(value: Any) -> str:
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, bytes):
         return _text(value)
-    return str(value)
+    return str(value) or '""'  # the default exchange, say: visibly empty, not a blank
 
 
 def _text(value: Any) -> str:

@@ -88,7 +88,7 @@ def test_show_groups_headers_by_who_set_them():
     assert broker[0].strip() == "x-death"
     assert broker[1].strip() == (
         "- count=1, reason=rejected, queue=shop.emails, time=2026-12-01T10:00:00.000Z, "
-        "exchange=, routing-keys=[shop.emails]"
+        'exchange="", routing-keys=[shop.emails]'
     )
     assert [line.split()[0] for line in broker[2:]] == ["x-delivery-count", "x-first-death-reason"]
     assert [line.split()[0] for line in other] == ["tenant", "x-request-id"]
