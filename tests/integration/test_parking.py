@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,11 +187,19 @@ async def test_cli_lists_shows_and_uses_exit_codes_scripts_can_rely_on(broker: B
     assert row["job"] == "payment.capture"
     assert row["error"] == "card 3 declined"
 
-    shown = await asyncio.to_thread(brokerjobs_cli, "parked", "show", queue, row["id"])
+    shown = await asyncio.to_thread(brokerjobs_cli, "parked", "show", queue, row["id"], "--json")
     assert json.loads(shown.stdout)["payload"] == {"n": 3}
+    human = await asyncio.to_thread(brokerjobs_cli, "parked", "show", queue, row["id"])
+    assert human.returncode == 0, human.stderr
+    assert "PermanentFailure: card 3 declined" in human.stdout
+    assert re.search(r"parked at +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\n", human.stdout)
 
+    empty = await asyncio.to_thread(brokerjobs_cli, "parked", "list", queue, "--job", "nope")
+    assert empty.returncode == 0  # nothing parked is healthy: `parked list || alert` stays quiet
+    assert "0 of 1 parked job(s)" in empty.stdout
     none = await asyncio.to_thread(brokerjobs_cli, "parked", "replay", queue, "--job", "nope")
     assert none.returncode == 4
+    await back(broker, queue, 1)
     missing = await asyncio.to_thread(brokerjobs_cli, "parked", "list", "no.such.queue")
     assert missing.returncode == 3
     assert "does not exist" in missing.stderr
