@@ -22,7 +22,7 @@ from brokerjobs.topology import parking_queue_name
 from brokerjobs.transport import connect
 from tests.support.amqp_strategies import messages
 from tests.support.broker import TEST_URL, Broker, make_settings, unique
-from tests.support.codec_checks import differences, park_copy, wire_of
+from tests.support.codec_checks import canonical_table, differences, park_copy, wire_of
 
 # Bounded for CI; a long run, e.g. BJ_ROUNDTRIP_EXAMPLES=600 BJ_ROUNDTRIP_BATCH=40 with -s:
 # BJ_ROUNDTRIP_REPORT=1 prints the running count of messages and differences.
@@ -113,7 +113,10 @@ async def test_frames_pamqp_cannot_decode_reach_a_consumer_and_the_connection_st
     assert got[b"negative"].timestamp == av.Timestamp((1 << 64) - 1)
     odd = got[b"not-utf8-id"]
     assert (odd.message_id or "").encode("utf-8", "surrogateescape") == b"\xff\xfe"
-    assert av.encode_table(got[b"every-type"].headers) == EVERY_TYPE  # byte for byte
+    every_type = got[b"every-type"].headers
+    assert canonical_table(every_type) == canonical_table(av.decode_table(EVERY_TYPE))
+    if broker.connection.server_version < (4, 0):  # 4.x re-encodes tables (canonical_table)
+        assert av.encode_table(every_type) == EVERY_TYPE  # byte for byte
     degraded = got[b"too-deep"].headers
     assert degraded == {av.RAW_PROPERTIES: RAW_CASES["too-deep"]}  # kept, not lost
 

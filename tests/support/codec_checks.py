@@ -30,13 +30,30 @@ def properties_of(message: Delivery | OutgoingMessage) -> dict[str, Any]:
     return found
 
 
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical_value(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_canonical_value(v) for v in value]
+    if type(value) is av.Int64L:
+        return av.Int64(value)
+    return value
+
+
+def canonical_table(headers: dict[str, Any]) -> bytes:
+    """A header table encoded as RabbitMQ 4.x re-encodes it: keys sorted (nested tables too),
+    an unsigned 64-bit ``L`` sent as ``l``. 3.x passes tables through byte for byte; equal
+    canonical bytes = the same keys, values and wire types on either."""
+    return av.encode_table(_canonical_value(headers))
+
+
 def own_headers(message: Delivery | OutgoingMessage) -> bytes:
     """The headers brokerjobs does not own (not bj-*), encoded: equal bytes = equal types."""
-    return av.encode_table({k: v for k, v in message.headers.items() if not k.startswith("bj-")})
+    return canonical_table({k: v for k, v in message.headers.items() if not k.startswith("bj-")})
 
 
 def wire_of(message: Delivery | OutgoingMessage) -> tuple[Any, ...]:
-    return (message.body, properties_of(message), av.encode_table(message.headers))
+    return (message.body, properties_of(message), canonical_table(message.headers))
 
 
 def park_copy(delivery: Delivery, queue: str) -> OutgoingMessage:
