@@ -74,6 +74,8 @@ def test_regression_corpus_is_parked_or_handled() -> None:
 def test_generated_messages_never_stall_loop_or_vanish(batch: list[OutgoingMessage]) -> None:
     asyncio.run(_every_message_ends_in_exactly_one_place(batch))
     PUBLISHED.append(len(batch))
+    if len(PUBLISHED) % 1000 == 0:  # progress of a long run (shown with -s)
+        print(f"\n[fuzz] {len(PUBLISHED)} examples, {sum(PUBLISHED)} messages so far", flush=True)
 
 
 def teardown_module() -> None:
