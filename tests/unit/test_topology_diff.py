@@ -17,7 +17,7 @@ class Email(BaseModel):
 def shop(delays: tuple[float, ...], *, resize: bool = False) -> App:
     app = App("shop")
     app.queue("shop.emails", "email.#")
-    send = job("email.send", retry=RetryPolicy(delays=delays, max_attempts=3))(
+    send: type[BaseModel] = job("email.send", retry=RetryPolicy(delays=delays, max_attempts=3))(
         type("SendEmail", (Email,), {})
     )
     app.handler(send, queue="shop.emails")(_handle)
