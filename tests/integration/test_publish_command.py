@@ -43,7 +43,9 @@ def make_app(name: str, levels: int) -> App:
     async def write(_: BaseModel) -> None:
         pass
 
-    note = job("note.write")(type("Note", (BaseModel,), {"__annotations__": {"text": str}}))
+    note: type[BaseModel] = job("note.write")(
+        type("Note", (BaseModel,), {"__annotations__": {"text": str}})
+    )
     app.handler(note)(write)
     return app
 
