@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from brokerjobs import obsolete_check
 from brokerjobs.app import App
 from brokerjobs.consumer import QueueConsumer, build_consumer
 from brokerjobs.errors import BrokerJobsError, BrokerUnreachable, ConfigError
@@ -196,9 +197,11 @@ class Worker:
             await health.start(self.settings.health_port, self.settings.health_host)
             self.health_port = health.port
         probe = asyncio.create_task(self._probe_queues()) if self.telemetry.metering else None
+        checking = obsolete_check.start(self.settings, self.topology, self.app.name)
         try:
             await self._supervise()
         finally:
+            checking.cancel()
             if probe is not None:
                 probe.cancel()
             await health.stop()

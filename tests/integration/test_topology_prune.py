@@ -8,19 +8,21 @@ declare and track it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from pydantic import BaseModel
 
 from brokerjobs import App, RetryPolicy, job
 from brokerjobs.envelope import Delivery, OutgoingMessage, new_job_id
 from brokerjobs.errors import TopologyError
 from brokerjobs.topology import declare
-from tests.support.broker import TEST_URL, Broker, unique
+from tests.support.broker import TEST_URL, Broker, running_worker, unique, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 OLD_DELAYS, NEW_DELAYS = "60,300", "120,600"  # long tiers: nothing expires during the test
@@ -171,3 +173,23 @@ async def peek(broker: Broker, queue: str) -> list[Delivery]:
         taken.append(delivery)
     await channel.close()  # unacked: the broker puts them back
     return taken
+
+
+async def test_the_worker_warns_at_start_up_about_an_old_tier_that_holds_jobs(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    name, tier = await changed_app(broker, tmp_path)
+    caplog.set_level(logging.WARNING, logger="brokerjobs.worker")
+
+    def warned() -> bool:
+        return any(tier in r.getMessage() for r in caplog.records)
+
+    async with running_worker(make_app(name, NEW_DELAYS)):
+        await wait_for(warned, timeout=10)
+    (text,) = [r.getMessage() for r in caplog.records if tier in r.getMessage()]
+    assert text == (
+        f"obsolete queue {tier} holds 3 job(s) (retry tier 1m is no longer in {name}.tasks's "
+        f"policy): they return to {name}.tasks when their delay ends; move them now and delete "
+        "the tier with `brokerjobs topology prune MODULE:APP --drain`"
+    )
+    assert not any(f"{name}.tasks.retry.5m" in r.getMessage() for r in caplog.records)  # empty
