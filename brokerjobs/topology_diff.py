@@ -25,6 +25,7 @@ from brokerjobs.topology import TopologyPlan
 _TIER = re.compile(r"^(?P<main>.+)\.retry\.(?P<label>\d+(?:ms|s|m|h))$")
 _DL_KEY = "x-dead-letter-routing-key"
 _ABSENT = object()
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,7 @@ def diff(plan: TopologyPlan, broker: Iterable[BrokerQueue], app_name: str) -> To
     prefix = f"{app_name}."
     obsolete = [
         found
-        for name in sorted(set(queues) - set(planned))
+        for name in sorted(set(queues) - set(planned), key=_order)
         if (found := classify(queues[name], mains, prefix)) is not None
     ]
     differing = [
@@ -115,6 +116,19 @@ def diff(plan: TopologyPlan, broker: Iterable[BrokerQueue], app_name: str) -> To
     ]
     missing = [q.name for q in plan.queues if q.name not in queues]
     return TopologyDiff(tuple(obsolete), tuple(differing), tuple(missing))
+
+
+def _order(name: str) -> tuple[str, int, int, str]:
+    """Each main's queues together: the main, its tiers by delay, its parking queue."""
+    tier = _TIER.match(name)
+    if tier:
+        label = tier["label"]
+        unit = next(u for u in ("ms", "s", "m", "h") if label.endswith(u))
+        millis = int(label.removesuffix(unit)) * _UNIT_MS[unit]
+        return tier["main"], 1, millis, name
+    if name.endswith(".parked"):
+        return name.removesuffix(".parked"), 2, 0, name
+    return name, 0, 0, name
 
 
 def classify(queue: BrokerQueue, mains: set[str], prefix: str) -> Obsolete | None:

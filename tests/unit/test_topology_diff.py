@@ -62,6 +62,16 @@ def test_queues_of_a_removed_handler_are_obsolete_with_nowhere_to_drain() -> Non
         "shop.image.resize.retry.10m": None,
         "shop.image.resize.retry.1h": None,
     }
+    assert [o.name.removeprefix("shop.image.resize") for o in found.obsolete] == [
+        "",
+        ".retry.1s",
+        ".retry.5s",
+        ".retry.30s",
+        ".retry.2m",
+        ".retry.10m",
+        ".retry.1h",
+        ".parked",
+    ]  # each main's queues together, tiers by delay
 
 
 def test_queues_the_app_did_not_make_are_never_obsolete() -> None:
