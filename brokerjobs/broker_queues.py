@@ -33,6 +33,7 @@ from brokerjobs.transport import Connection
 
 MANAGEMENT_ENV = "BROKERJOBS_MANAGEMENT_URL"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
+_DEFAULT_PORTS = (5672, 5671)
 _COMMON_DELAYS = (1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 120, 300, 600, 900, 1800, 3600, 7200)
 _TIMEOUT_S = 30.0
 
@@ -52,11 +53,17 @@ async def list_queues(amqp_url: str, environ: dict[str, str] | None = None) -> l
     management = env.get(MANAGEMENT_ENV)
     if management:
         return await asyncio.to_thread(_from_management, management, amqp_url)
-    host = urlsplit(amqp_url.split(",")[0]).hostname or "localhost"
+    parts = urlsplit(amqp_url.split(",")[0])
+    host = parts.hostname or "localhost"
     rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl and host in _LOCAL_HOSTS:
+    # rabbitmqctl speaks to this host's default node, which is the URL's broker only if the URL
+    # names this host and the default port (a node beside it on another port is not the same).
+    local = host in _LOCAL_HOSTS and (parts.port or 5672) in _DEFAULT_PORTS
+    if rabbitmqctl and local:
         return await _from_rabbitmqctl(rabbitmqctl, vhost_of(amqp_url))
     why = "rabbitmqctl is not on PATH" if not rabbitmqctl else f"the broker ({host}) is not local"
+    if rabbitmqctl and host in _LOCAL_HOSTS:
+        why = f"rabbitmqctl reaches the node on port 5672, not {parts.port}"
     raise ListingUnavailable(
         "cannot list the broker's queues: AMQP has no way to, and "
         f"{why}. Set {MANAGEMENT_ENV}=http://user:password@{host}:15672 (the management "

@@ -6,6 +6,10 @@ fails and the queue is kept). Draining is *get, publish a copy with confirm, the
 message at a time, to the planned main queue through the default exchange: a crash in between
 duplicates a job, it never loses one. The copy drops ``expiration`` (kept in a header) and the
 broker's ``x-death`` history, and keeps its attempt count.
+
+Quorum queues refuse ``if-empty`` (3.10 closes the connection: "not supported by quorum queues"),
+and a check of the depth followed by a plain delete could delete a job that arrived in between:
+prune keeps them (after draining, with ``--drain``) and says how to delete them by hand.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from brokerjobs.envelope import BROKER_DEATH_HEADERS, Delivery, OutgoingMessage, copy_of
 from brokerjobs.errors import TopologyError
@@ -21,6 +26,7 @@ from brokerjobs.topology_diff import Obsolete
 from brokerjobs.transport import Channel, Connection
 
 log = logging.getLogger("brokerjobs.prune")
+Deletion = Literal["deleted", "not-empty", "quorum"]  # quorum: the broker has no if-empty delete
 # Old workers may still be retrying into a tier while it drains: give up after this many rounds.
 _DRAIN_ROUNDS = 5
 
@@ -49,9 +55,13 @@ async def prune(
     report = PruneReport()
     for found in obsolete:
         if drain and found.main is not None:
-            await _drain_and_delete(connection, found.name, found.main, report)
-        elif await delete_if_empty(connection, found.name):
+            await _drain_and_delete(connection, found, found.main, report)
+            continue
+        outcome = "quorum" if found.quorum else await delete_if_empty(connection, found.name)
+        if outcome == "deleted":
             report.deleted.append(found.name)
+        elif outcome == "quorum":
+            report.kept.append((found.name, quorum_advice(found.name)))
         elif found.main is None:
             report.kept.append((found.name, "holds messages and no planned queue can take them"))
         else:
@@ -59,15 +69,28 @@ async def prune(
     return report
 
 
+def quorum_advice(queue: str) -> str:
+    return (
+        "RabbitMQ cannot delete a quorum queue only if it is empty (no if-empty delete), so "
+        "prune keeps it: once no worker runs the old policy, check that it is empty "
+        f"(`brokerjobs topology diff`) and delete it with `rabbitmqctl delete_queue {queue}`"
+    )
+
+
 async def _drain_and_delete(
-    connection: Connection, queue: str, main: str, report: PruneReport
+    connection: Connection, found: Obsolete, main: str, report: PruneReport
 ) -> None:
+    queue = found.name
     for _ in range(_DRAIN_ROUNDS):
         report.moved[queue] = report.moved.get(queue, 0) + await move_messages(
             connection, queue, main
         )
-        if await delete_if_empty(connection, queue):
+        outcome = "quorum" if found.quorum else await delete_if_empty(connection, queue)
+        if outcome == "deleted":
             report.deleted.append(queue)
+            return
+        if outcome == "quorum":
+            report.kept.append((queue, "drained, but " + quorum_advice(queue)))
             return
     report.kept.append((queue, f"messages kept arriving while it drained ({_DRAIN_ROUNDS} rounds)"))
 
@@ -90,16 +113,19 @@ async def move_messages(connection: Connection, queue: str, main: str) -> int:
     return moved
 
 
-async def delete_if_empty(connection: Connection, queue: str) -> bool:
-    """Delete ``queue`` only if the broker finds it empty; False if it held messages."""
+async def delete_if_empty(connection: Connection, queue: str) -> Deletion:
+    """Delete ``queue`` only if the broker finds it empty, in one step (never a message lost).
+
+    Never for a quorum queue: RabbitMQ answers if-empty on one by closing the whole connection.
+    """
     channel = await connection.channel(confirms=False)
     try:
         # The transport has no if-empty delete; _guard maps the 406 the broker answers with.
         await _delete_if_empty_rpc(channel, queue)
     except TopologyError:  # PRECONDITION_FAILED (not empty) closed the channel
-        return False
+        return "not-empty"
     await channel.close()
-    return True
+    return "deleted"
 
 
 async def _delete_if_empty_rpc(channel: Channel, queue: str) -> None:

@@ -1,8 +1,12 @@
 """``brokerjobs topology diff|prune``: thin over ``topology_diff``, ``broker_queues`` and ``prune``.
 
-Exit codes: 0 done (``diff`` whatever it found; ``prune`` with nothing obsolete), 1 broker failure,
-the queues cannot be listed, or ``prune`` kept a queue (not empty without ``--drain``), 2 usage
-(or ``prune`` without ``--yes`` and no terminal to ask).
+When the broker's queues cannot be listed, both say so and fall back to passive-declaring the
+names the app's naming scheme gives common delays: partial, but every name found is one the app
+made, and prune deletes only when empty, so acting on it is as safe.
+
+Exit codes: 0 done (``diff`` whatever it found; ``prune`` with nothing obsolete), 1 broker failure
+or ``prune`` kept a queue (not empty without ``--drain``), 2 usage (or ``prune`` without ``--yes``
+and no terminal to ask).
 """
 
 from __future__ import annotations
@@ -14,16 +18,27 @@ import sys
 import textwrap
 from typing import Any
 
-from brokerjobs.broker_queues import ListingUnavailable, list_queues
+from brokerjobs.broker_queues import (
+    ListingUnavailable,
+    candidate_names,
+    candidate_queues,
+    list_queues,
+)
 from brokerjobs.prune import PruneReport, prune
 from brokerjobs.settings import Settings
-from brokerjobs.topology_diff import Obsolete, TopologyDiff, diff
+from brokerjobs.topology_diff import Obsolete, TopologyDiff, diff, with_depths
 from brokerjobs.transport import connect
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_GUESSING = (
+    "Guessing instead: asked for the plan's queues and the retry tiers that common delays "
+    "(1s to 2h) would have made. Tiers of other delays and queues of removed handlers are not "
+    "seen, and arguments are not compared."
+)
 _LISTING = (
     "The broker's queues are read from the management API when BROKERJOBS_MANAGEMENT_URL is set "
-    "(http://user:password@host:15672), else from `rabbitmqctl list_queues` on the broker's host."
+    "(http://user:password@host:15672), else from `rabbitmqctl list_queues` on the broker's host; "
+    "failing both, common tier names are guessed (partial; it says so)."
 )
 
 
@@ -64,28 +79,35 @@ def add_actions(actions: Any) -> None:
 
 
 async def compute(args: argparse.Namespace, settings: Settings) -> TopologyDiff:
+    """The diff from the broker's full list, or from guessed names when it cannot be listed;
+    the obsolete queues' depths are read live (listings lag, quorum queues' by seconds)."""
     from brokerjobs.cli import load_app
 
     app = load_app(args.app)
-    return diff(app.topology(), await list_queues(settings.amqp_url), app.name)
+    topology = app.topology()
+    connection = await connect(settings, "topology")
+    try:
+        try:
+            queues = await list_queues(settings.amqp_url)
+        except ListingUnavailable as exc:
+            print(f"brokerjobs: {exc}.\n{_GUESSING}", file=sys.stderr)
+            names = [q.name for q in topology.queues] + candidate_names(topology)
+            queues = await candidate_queues(connection, names)
+        found = diff(topology, queues, app.name)
+        live = await candidate_queues(connection, [o.name for o in found.obsolete])
+    finally:
+        await connection.close()
+    return with_depths(found, {q.name: q.messages for q in live})
 
 
 async def run_diff(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        found = await compute(args, settings)
-    except ListingUnavailable as exc:
-        print(f"brokerjobs: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    found = await compute(args, settings)
     print(json.dumps(found.as_json(), indent=2) if args.json else found.describe())
     return EXIT_OK
 
 
 async def run_prune(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        found = await compute(args, settings)
-    except ListingUnavailable as exc:
-        print(f"brokerjobs: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    found = await compute(args, settings)
     if not found.obsolete:
         print("nothing obsolete: nothing to prune")
         return EXIT_OK

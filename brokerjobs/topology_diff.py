@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from brokerjobs.topology import TopologyPlan
@@ -42,6 +42,7 @@ class Obsolete:
     queue: BrokerQueue
     why: str
     main: str | None  # the planned main queue its messages go back to; None: none planned
+    quorum: bool = False  # from its arguments, else (unknown) from its planned main queue's
 
     @property
     def name(self) -> str:
@@ -94,6 +95,17 @@ class TopologyDiff:
         }
 
 
+def with_depths(found: TopologyDiff, depths: Mapping[str, int]) -> TopologyDiff:
+    """``found`` with the obsolete queues' depths from ``depths`` (live counts: listings lag);
+    an obsolete queue missing from ``depths`` is gone and left out."""
+    obsolete = tuple(
+        replace(o, queue=replace(o.queue, messages=depths[o.name]))
+        for o in found.obsolete
+        if o.name in depths
+    )
+    return replace(found, obsolete=obsolete)
+
+
 def _show(value: Any) -> str:
     return "nothing" if value is None else repr(value)
 
@@ -103,9 +115,10 @@ def diff(plan: TopologyPlan, broker: Iterable[BrokerQueue], app_name: str) -> To
     queues = {q.name: q for q in broker}
     planned = {q.name: q for q in plan.queues}
     mains = {q.name for q in plan.main_queues}
+    quorum = {q.name for q in plan.main_queues if q.arguments.get("x-queue-type") == "quorum"}
     prefix = f"{app_name}."
     obsolete = [
-        found
+        _with_kind(found, quorum)
         for name in sorted(set(queues) - set(planned), key=_order)
         if (found := classify(queues[name], mains, prefix)) is not None
     ]
@@ -116,6 +129,13 @@ def diff(plan: TopologyPlan, broker: Iterable[BrokerQueue], app_name: str) -> To
     ]
     missing = [q.name for q in plan.queues if q.name not in queues]
     return TopologyDiff(tuple(obsolete), tuple(differing), tuple(missing))
+
+
+def _with_kind(found: Obsolete, quorum_mains: set[str]) -> Obsolete:
+    arguments = found.queue.arguments
+    if arguments is not None:
+        return replace(found, quorum=arguments.get("x-queue-type") == "quorum")
+    return replace(found, quorum=found.main in quorum_mains)
 
 
 def _order(name: str) -> tuple[str, int, int, str]:

@@ -22,6 +22,9 @@ APP_SOURCE = textwrap.dedent(
     import os
     from pydantic import BaseModel
     from brokerjobs import App, job
+    from tests.support.matrix import force_queue_kind
+
+    force_queue_kind()  # the test run's queue kind (BJTEST_QUEUE_KIND), as in-process
 
     @job("note.write")
     class Note(BaseModel):

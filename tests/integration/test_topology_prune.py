@@ -22,7 +22,17 @@ from brokerjobs import App, RetryPolicy, job
 from brokerjobs.envelope import Delivery, OutgoingMessage, new_job_id
 from brokerjobs.errors import TopologyError
 from brokerjobs.topology import declare
-from tests.support.broker import TEST_URL, Broker, running_worker, unique, wait_for
+from tests.support.broker import (
+    TEST_HOST,
+    TEST_PORT,
+    TEST_URL,
+    Broker,
+    running_worker,
+    unique,
+    wait_for,
+)
+from tests.support.matrix import FORCED_KIND
+from tests.support.proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[2]
 OLD_DELAYS, NEW_DELAYS = "60,300", "120,600"  # long tiers: nothing expires during the test
@@ -31,6 +41,9 @@ APP_SOURCE = textwrap.dedent(
     import os
     from pydantic import BaseModel
     from brokerjobs import App, RetryPolicy, job
+    from tests.support.matrix import force_queue_kind
+
+    force_queue_kind()  # the test run's queue kind (BJTEST_QUEUE_KIND), as in-process
 
     DELAYS = tuple(float(d) for d in os.environ["PRUNE_DELAYS"].split(","))
 
@@ -64,10 +77,10 @@ def make_app(name: str, delays: str) -> App:
     return app
 
 
-def cli(tmp: Path, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(tmp: Path, name: str, *args: str, url: str = TEST_URL) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
-        "BROKERJOBS_URL": TEST_URL,
+        "BROKERJOBS_URL": url,
         "PYTHONPATH": f"{tmp}{os.pathsep}{REPO}",
         "PRUNE_APP": name,
         "PRUNE_DELAYS": NEW_DELAYS,
@@ -116,6 +129,23 @@ async def test_diff_shows_the_old_tiers_of_an_app_whose_delays_changed(
     ]
 
 
+async def test_where_queues_cannot_be_listed_diff_says_so_and_finds_the_usual_tiers(
+    broker: Broker, tmp_path: Path
+) -> None:
+    name, _ = await changed_app(broker, tmp_path)
+    async with TcpProxy(TEST_HOST, TEST_PORT) as proxy:  # another port: rabbitmqctl cannot tell
+        result = await asyncio.to_thread(
+            cli, tmp_path, name, "topology", "diff", "prune_app:app", url=proxy.url_for(TEST_URL)
+        )
+    assert result.returncode == 0, result.stderr
+    assert "cannot list the broker's queues: AMQP has no way to" in result.stderr
+    assert "Guessing instead" in result.stderr
+    assert [line.split(" (")[0] for line in result.stdout.splitlines()] == [
+        f"obsolete {name}.tasks.retry.1m",
+        f"obsolete {name}.tasks.retry.5m",
+    ]
+
+
 async def test_prune_removes_the_empty_tiers_and_keeps_the_one_with_jobs(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -128,9 +158,16 @@ async def test_prune_removes_the_empty_tiers_and_keeps_the_one_with_jobs(
         cli, tmp_path, name, "topology", "prune", "prune_app:app", "--yes"
     )
     assert result.returncode == 1
+    assert await broker.depth(tier) == 3
+    if FORCED_KIND == "quorum":  # no if-empty delete for quorum queues: both kept, and why
+        assert f"kept {name}.tasks.retry.5m: RabbitMQ cannot delete a quorum queue" in (
+            result.stderr
+        )
+        assert f"`rabbitmqctl delete_queue {tier}`" in result.stderr
+        assert await exists(broker, f"{name}.tasks.retry.5m")
+        return
     assert f"deleted {name}.tasks.retry.5m" in result.stdout
     assert f"kept {tier}: holds messages: use --drain to move them first" in result.stderr
-    assert await broker.depth(tier) == 3
     assert not await exists(broker, f"{name}.tasks.retry.5m")
 
 
@@ -142,10 +179,10 @@ async def test_prune_drain_moves_every_job_to_the_main_queue_then_deletes_the_ti
     result = await asyncio.to_thread(
         cli, tmp_path, name, "topology", "prune", "prune_app:app", "--drain", "--yes"
     )
-    assert result.returncode == 0, result.stderr
     assert f"moved 3 message(s) from {tier}" in result.stdout
-    assert "pruned 2 queue(s), moved 3 message(s), kept 0" in result.stdout
-    assert not await exists(broker, tier)
+    assert (
+        await broker.depth(tier) == 0 if FORCED_KIND == "quorum" else not await exists(broker, tier)
+    )
     moved = await broker.drain(f"{name}.tasks")
     assert sorted(str(d.message_id) for d in moved) == sorted(
         map(str, before)
@@ -153,6 +190,12 @@ async def test_prune_drain_moves_every_job_to_the_main_queue_then_deletes_the_ti
     assert all(d.expiration is None for d in moved)
     assert all(d.headers["bj-original-expiration"] == "3600000" for d in moved)
     assert all(d.headers["bj-attempt"] == 2 for d in moved)
+    if FORCED_KIND == "quorum":
+        assert result.returncode == 1
+        assert f"kept {tier}: drained, but RabbitMQ cannot delete a quorum queue" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    assert "pruned 2 queue(s), moved 3 message(s), kept 0" in result.stdout
     again = await asyncio.to_thread(cli, tmp_path, name, "topology", "diff", "prune_app:app")
     assert again.stdout.strip() == "the broker matches the plan: nothing obsolete, nothing differs"
 

@@ -139,3 +139,17 @@ def test_candidate_tiers_for_the_start_up_check_leave_out_the_planned_ones() -> 
     assert "shop.emails.retry.30s" in names and "shop.emails.retry.1h" in names
     assert "shop.emails.retry.1s" not in names and "shop.emails.retry.5s" not in names
     assert len(names) == len(set(names))
+
+
+def test_an_obsolete_queue_is_quorum_by_its_arguments_or_else_by_its_main_queue() -> None:
+    app = App("shop", queue_kind="quorum")
+    app.queue("shop.emails", "email.#")
+    app.handler(job("email.send")(type("Send", (Email,), {})), queue="shop.emails")(_handle)
+    topology = app.topology()
+    guessed = BrokerQueue("shop.emails.retry.7s", 0)  # passive declare: arguments unknown
+    listed = BrokerQueue("shop.emails.retry.9s", 0, {"x-dead-letter-routing-key": "shop.emails"})
+    found = diff(topology, [guessed, listed], "shop")
+    assert [(o.name, o.quorum) for o in found.obsolete] == [
+        ("shop.emails.retry.7s", True),
+        ("shop.emails.retry.9s", False),  # a classic tier left from before the app went quorum
+    ]
