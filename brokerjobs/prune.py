@@ -63,7 +63,9 @@ async def prune(
         elif outcome == "quorum":
             report.kept.append((found.name, quorum_advice(found.name)))
         elif found.main is None:
-            report.kept.append((found.name, "holds messages and no planned queue can take them"))
+            report.kept.append(
+                (found.name, "holds messages (no planned queue can take them) or a consumer")
+            )
         else:
             report.kept.append((found.name, "holds messages: use --drain to move them first"))
     return report
@@ -122,7 +124,7 @@ async def delete_if_empty(connection: Connection, queue: str) -> Deletion:
     try:
         # The transport has no if-empty delete; _guard maps the 406 the broker answers with.
         await _delete_if_empty_rpc(channel, queue)
-    except TopologyError:  # PRECONDITION_FAILED (not empty) closed the channel
+    except TopologyError:  # PRECONDITION_FAILED (not empty, or in use) closed the channel
         return "not-empty"
     await channel.close()
     return "deleted"
@@ -130,4 +132,5 @@ async def delete_if_empty(connection: Connection, queue: str) -> Deletion:
 
 async def _delete_if_empty_rpc(channel: Channel, queue: str) -> None:
     raw = channel._ch  # private: until transport.Channel.delete_queue takes if_empty
-    await channel._guard(raw.queue_delete(queue, if_empty=True), "queue", queue)
+    # if-unused too: a consumer still on a removed handler's queue means a worker still uses it.
+    await channel._guard(raw.queue_delete(queue, if_empty=True, if_unused=True), "queue", queue)
