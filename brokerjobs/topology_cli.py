@@ -130,7 +130,11 @@ async def run_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 def _intention(found: Obsolete, drain: bool) -> str:
     held = found.queue.messages
-    if drain and found.main is not None and held:
+    moving = drain and found.main is not None and held
+    if found.quorum:
+        first = f"move ~{held} message(s) to {found.main}, then " if moving else ""
+        return f"{first}keep {found.name} (a quorum queue: no if-empty delete)"
+    if moving:
         return f"move ~{held} message(s) from {found.name} to {found.main}, then delete it"
     if held:
         return f"delete {found.name} if empty (it held {held} message(s))"
