@@ -152,6 +152,18 @@ async def _cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_topology(commands: Any) -> None:
+    topology = commands.add_parser(
+        "topology", help="show, declare, diff or prune the exchanges and queues"
+    )
+    actions = topology.add_subparsers(dest="action", required=True)
+    for action, help_text in [("show", "print the plan"), ("declare", "apply the plan")]:
+        parser = actions.add_parser(action, help=help_text)
+        parser.add_argument("app", metavar="MODULE:APP", help="the app, e.g. shop.jobs:app")
+        parser.set_defaults(handler=_cmd_topology)
+    topology_cli.add_actions(actions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brokerjobs",
@@ -185,15 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("app", metavar="MODULE:APP")
     scheduler.set_defaults(handler=_cmd_scheduler)
 
-    topology = commands.add_parser(
-        "topology", help="show, declare, diff or prune the exchanges and queues"
-    )
-    topology_actions = topology.add_subparsers(dest="action", required=True)
-    for action, help_text in [("show", "print the plan"), ("declare", "apply the plan")]:
-        parser_ = topology_actions.add_parser(action, help=help_text)
-        parser_.add_argument("app", metavar="MODULE:APP", help="the app, e.g. shop.jobs:app")
-        parser_.set_defaults(handler=_cmd_topology)
-    topology_cli.add_actions(topology_actions)
+    _add_topology(commands)
 
     health = commands.add_parser("health", help="probe a worker's health endpoint (exit 0/1)")
     health.add_argument("--port", type=int, help="default: $BROKERJOBS_HEALTH_PORT")
