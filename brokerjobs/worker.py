@@ -197,11 +197,9 @@ class Worker:
             await health.start(self.settings.health_port, self.settings.health_host)
             self.health_port = health.port
         probe = asyncio.create_task(self._probe_queues()) if self.telemetry.metering else None
-        checking = obsolete_check.start(self.settings, self.topology, self.app.name)
         try:
             await self._supervise()
         finally:
-            checking.cancel()
             if probe is not None:
                 probe.cancel()
             await health.stop()
@@ -293,6 +291,7 @@ class Worker:
             await declare(connection, self.topology)
             for queue in self.queues:
                 await self._start_consumer(session, queue)
+            obsolete_check.after_start(self, connection)
         except BrokerJobsError:
             await connection.close()
             raise
