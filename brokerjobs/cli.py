@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from brokerjobs import __version__, parking_cli
+from brokerjobs import __version__, parking_cli, publish_cli, topology_cli
 from brokerjobs.app import App
 from brokerjobs.errors import BrokerJobsError, TopologyError
 from brokerjobs.health import probe
@@ -152,6 +152,18 @@ async def _cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_topology(commands: Any) -> None:
+    topology = commands.add_parser(
+        "topology", help="show, declare, diff or prune the exchanges and queues"
+    )
+    actions = topology.add_subparsers(dest="action", required=True)
+    for action, help_text in [("show", "print the plan"), ("declare", "apply the plan")]:
+        parser = actions.add_parser(action, help=help_text)
+        parser.add_argument("app", metavar="MODULE:APP", help="the app, e.g. shop.jobs:app")
+        parser.set_defaults(handler=_cmd_topology)
+    topology_cli.add_actions(actions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brokerjobs",
@@ -185,10 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("app", metavar="MODULE:APP")
     scheduler.set_defaults(handler=_cmd_scheduler)
 
-    topology = commands.add_parser("topology", help="show or declare the exchanges and queues")
-    topology.add_argument("action", choices=["show", "declare"])
-    topology.add_argument("app", metavar="MODULE:APP")
-    topology.set_defaults(handler=_cmd_topology)
+    _add_topology(commands)
 
     health = commands.add_parser("health", help="probe a worker's health endpoint (exit 0/1)")
     health.add_argument("--port", type=int, help="default: $BROKERJOBS_HEALTH_PORT")
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(handler=_cmd_stats)
 
     parking_cli.add_parser(commands)
+    publish_cli.add_parser(commands)
     return parser
 
 
@@ -216,7 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, "")  # MODULE:APP resolves from the current directory, like uvicorn
     handler: Callable[..., Any] = args.handler
     try:
-        if args.command == "parked":
+        if args.command in ("parked", "publish") or getattr(args, "action", None) in (
+            "diff",
+            "prune",
+        ):
             return int(asyncio.run(handler(args, settings)))
         return int(asyncio.run(handler(args)))
     except BrokerJobsError as exc:

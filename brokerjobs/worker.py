@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from brokerjobs import obsolete_check
 from brokerjobs.app import App
 from brokerjobs.consumer import QueueConsumer, build_consumer
 from brokerjobs.errors import BrokerJobsError, BrokerUnreachable, ConfigError
@@ -290,6 +291,7 @@ class Worker:
             await declare(connection, self.topology)
             for queue in self.queues:
                 await self._start_consumer(session, queue)
+            obsolete_check.after_start(self, connection)
         except BrokerJobsError:
             await connection.close()
             raise

@@ -1,0 +1,178 @@
+"""``brokerjobs publish``: validate JSON payloads against a job's model, then publish with confirms.
+
+Every payload is validated before the first is published: one bad line publishes nothing.
+Exit codes: 0 published, 1 broker or publish failure (e.g. unroutable), 2 usage or invalid payload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from brokerjobs.app import App
+from brokerjobs.errors import BrokerJobsError
+from brokerjobs.jobs import JobSpec
+from brokerjobs.parking_cli import duration
+from brokerjobs.publisher import Publisher
+from brokerjobs.settings import Settings
+
+EXIT_OK, EXIT_USAGE = 0, 2
+_EPILOG = """examples:
+  brokerjobs publish shop.jobs:app email.send '{"to": "a@example.com", "subject": "hi"}'
+  brokerjobs publish shop.jobs:app email.send --file jobs.jsonl --priority 5
+  jq -c '.[]' jobs.json | brokerjobs publish shop.jobs:app email.send - --delay 10m"""
+
+
+class InvalidPayload(BrokerJobsError):
+    """A payload is not valid JSON or does not match the job's model: nothing was published."""
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    where: str  # "argument", "line 3", "file x.json"
+    text: str
+
+
+def find_job(app: App, name: str) -> JobSpec:
+    """The job type the app handles under ``name``; the error lists the ones it has."""
+    jobs = {spec.name: spec for queue in app.queues for spec in app.jobs(queue).values()}
+    if name in jobs:
+        return jobs[name]
+    known = ", ".join(sorted(jobs)) or "none"
+    raise InvalidPayload(f"app {app.name!r} handles no job {name!r} (its jobs: {known})")
+
+
+def payloads_from_lines(lines: Iterable[str], source: str) -> list[Payload]:
+    """JSON Lines: one payload per non-blank line."""
+    return [
+        Payload(f"{source} line {number}", line)
+        for number, line in enumerate(lines, 1)
+        if line.strip()
+    ]
+
+
+def validate(spec: JobSpec, payloads: Iterable[Payload]) -> list[BaseModel]:
+    """Every payload as the job's model, or InvalidPayload naming the place and the field."""
+    jobs: list[BaseModel] = []
+    for payload in payloads:
+        try:
+            jobs.append(spec.model.model_validate_json(payload.text))
+        except ValidationError as exc:
+            raise InvalidPayload(f"{payload.where}: {_problems(spec, exc)}") from None
+    if not jobs:
+        raise InvalidPayload("no payload given")
+    return jobs
+
+
+def _problems(spec: JobSpec, exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        if error["type"] == "json_invalid":
+            parts.append(f"not valid JSON ({error['msg']})")
+            continue
+        field = ".".join(str(p) for p in error["loc"]) or "(the payload)"
+        parts.append(f"field {field!r}: {error['msg']}")
+    return f"does not match {spec.model.__name__} ({spec.name}): " + "; ".join(parts)
+
+
+async def publish(
+    app: App,
+    settings: Settings,
+    jobs: list[BaseModel],
+    *,
+    priority: int | None = None,
+    delay: float | None = None,
+    confirmed: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Publish ``jobs`` in order, each confirmed (then ``confirmed(job_id)``); their ids."""
+    ids: list[str] = []
+    async with Publisher.for_app(app, settings) as publisher:
+        for job in jobs:
+            ids.append(await publisher.publish(job, priority=priority, delay=delay))
+            if confirmed is not None:
+                confirmed(ids[-1])
+    return ids
+
+
+def payloads_from_file(path: Path) -> list[Payload]:
+    """One JSON document, or JSON Lines (one payload per line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidPayload(f"cannot read {path}: {exc}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and not lines[0].rstrip().endswith("}"):
+        return [Payload(str(path), text)]  # a pretty-printed document
+    return payloads_from_lines(text.splitlines(), str(path))
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "publish",
+        help="validate and publish jobs (for operators and smoke tests)",
+        description=textwrap.fill(
+            "Validate JSON payloads against the job's model (nothing is published if "
+            "any is invalid), then publish each with a broker confirm and print its job id."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("app", metavar="MODULE:APP", help="the app, e.g. shop.jobs:app")
+    parser.add_argument("job", metavar="JOB_NAME", help="the job's name, e.g. email.send")
+    parser.add_argument(
+        "payload",
+        nargs="?",
+        metavar="JSON",
+        help="the job as a JSON object; '-' reads JSON Lines from stdin",
+    )
+    parser.add_argument("--file", type=Path, metavar="F", help="a JSON object or JSON Lines file")
+    parser.add_argument("--priority", type=int, metavar="N", help="per-message priority")
+    parser.add_argument(
+        "--delay",
+        type=duration,
+        metavar="D",
+        help="hold the job in the broker first, e.g. 30s, 10m (the app needs delay_levels)",
+    )
+    parser.set_defaults(handler=run)
+
+
+def read_payloads(args: argparse.Namespace) -> list[Payload]:
+    if (args.payload is None) == (args.file is None):
+        raise InvalidPayload("give the payload as a JSON argument, '-' for stdin, or --file F")
+    if args.file is not None:
+        return payloads_from_file(args.file)
+    if args.payload == "-":
+        return payloads_from_lines(sys.stdin, "stdin")
+    return [Payload("the JSON argument", args.payload)]
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    from brokerjobs.cli import load_app
+
+    app = load_app(args.app)
+    try:
+        jobs = validate(find_job(app, args.job), read_payloads(args))
+        delay = args.delay.total_seconds() if args.delay is not None else None
+        if delay is not None and not app.delay_levels:
+            raise InvalidPayload(
+                f"app {app.name!r} has no delay levels: --delay needs App(..., delay_levels=N)"
+            )
+    except InvalidPayload as exc:
+        print(f"brokerjobs: {exc}; nothing was published", file=sys.stderr)
+        return EXIT_USAGE
+    await publish(
+        app,
+        settings,
+        jobs,
+        priority=args.priority,
+        delay=delay,
+        confirmed=lambda job_id: print(job_id, flush=True),
+    )
+    return EXIT_OK

@@ -1,0 +1,70 @@
+"""``brokerjobs publish``'s validation: every payload checked first, errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from brokerjobs import App, job
+from brokerjobs.publish_cli import (
+    InvalidPayload,
+    Payload,
+    find_job,
+    payloads_from_file,
+    payloads_from_lines,
+    validate,
+)
+
+
+@job("email.send")
+class SendEmail(BaseModel):
+    to: str
+    retries: int = 0
+
+
+def app() -> App:
+    shop = App("shop")
+
+    @shop.handler(SendEmail)
+    async def send(_: SendEmail) -> None:
+        pass
+
+    return shop
+
+
+def test_a_missing_field_is_named_with_the_line_it_is_on() -> None:
+    payloads = payloads_from_lines(['{"to": "a"}', "", '{"retries": 1}'], "stdin")
+    with pytest.raises(InvalidPayload) as caught:
+        validate(find_job(app(), "email.send"), payloads)
+    assert str(caught.value) == (
+        "stdin line 3: does not match SendEmail (email.send): field 'to': Field required"
+    )
+
+
+def test_a_wrong_type_and_bad_json_are_named() -> None:
+    spec = find_job(app(), "email.send")
+    with pytest.raises(InvalidPayload, match="field 'retries': Input should be a valid integer"):
+        validate(spec, [Payload("the JSON argument", '{"to": "a", "retries": "x"}')])
+    with pytest.raises(InvalidPayload, match="the JSON argument: .*not valid JSON"):
+        validate(spec, [Payload("the JSON argument", '{"to": ')])
+    with pytest.raises(InvalidPayload, match="no payload given"):
+        validate(spec, [])
+
+
+def test_an_unknown_job_lists_the_apps_jobs() -> None:
+    with pytest.raises(InvalidPayload, match=r"handles no job 'email\.sned' \(its jobs: email"):
+        find_job(app(), "email.sned")
+
+
+def test_a_file_is_one_document_or_json_lines(tmp_path: Path) -> None:
+    document = tmp_path / "one.json"
+    document.write_text('{\n  "to": "a"\n}\n')
+    lines = tmp_path / "many.jsonl"
+    lines.write_text('{"to": "a"}\n{"to": "b"}\n')
+    spec = find_job(app(), "email.send")
+    assert validate(spec, payloads_from_file(document)) == [SendEmail(to="a")]
+    assert validate(spec, payloads_from_file(lines)) == [SendEmail(to="a"), SendEmail(to="b")]
+    with pytest.raises(InvalidPayload, match="cannot read"):
+        payloads_from_file(tmp_path / "absent.json")
