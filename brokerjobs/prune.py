@@ -23,7 +23,7 @@ from brokerjobs.envelope import BROKER_DEATH_HEADERS, Delivery, OutgoingMessage,
 from brokerjobs.errors import TopologyError
 from brokerjobs.topology import DEFAULT_EXCHANGE
 from brokerjobs.topology_diff import Obsolete
-from brokerjobs.transport import Channel, Connection
+from brokerjobs.transport import Connection
 
 log = logging.getLogger("brokerjobs.prune")
 Deletion = Literal["deleted", "not-empty", "quorum"]  # quorum: the broker has no if-empty delete
@@ -122,15 +122,9 @@ async def delete_if_empty(connection: Connection, queue: str) -> Deletion:
     """
     channel = await connection.channel(confirms=False)
     try:
-        # The transport has no if-empty delete; _guard maps the 406 the broker answers with.
-        await _delete_if_empty_rpc(channel, queue)
+        # if-unused too: a consumer still on a removed handler's queue means a worker uses it.
+        await channel.delete_queue(queue, if_empty=True, if_unused=True)
     except TopologyError:  # PRECONDITION_FAILED (not empty, or in use) closed the channel
         return "not-empty"
     await channel.close()
     return "deleted"
-
-
-async def _delete_if_empty_rpc(channel: Channel, queue: str) -> None:
-    raw = channel._ch  # private: until transport.Channel.delete_queue takes if_empty
-    # if-unused too: a consumer still on a removed handler's queue means a worker still uses it.
-    await channel._guard(raw.queue_delete(queue, if_empty=True, if_unused=True), "queue", queue)

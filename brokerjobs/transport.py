@@ -606,8 +606,14 @@ class Channel:
         ok = await self._guard(self._ch.queue_declare(name, passive=True), "queue", name)
         return QueueState(name, ok.message_count, ok.consumer_count)
 
-    async def delete_queue(self, name: str) -> None:
-        await self._ch.queue_delete(name)
+    async def delete_queue(
+        self, name: str, *, if_empty: bool = False, if_unused: bool = False
+    ) -> None:
+        """Delete a queue; with ``if_empty``/``if_unused`` the broker refuses atomically
+        (TopologyError, and the channel is closed) when it holds messages or has consumers."""
+        await self._guard(
+            self._ch.queue_delete(name, if_empty=if_empty, if_unused=if_unused), "queue", name
+        )
 
     async def delete_exchange(self, name: str) -> None:
         await self._ch.exchange_delete(name)

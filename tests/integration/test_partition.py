@@ -27,12 +27,14 @@ class Note(BaseModel):
 async def test_a_silent_first_node_makes_the_worker_unready_then_fail_over_to_the_next(
     broker: Broker,
 ) -> None:
-    app = broker.track(App(unique("partition")))
+    app = App(unique("partition"))
     done: list[int] = []
 
     @app.handler(Note)
     async def note(task: Note) -> None:
         done.append(task.n)
+
+    broker.track(app)
 
     async with TcpProxy() as proxy:
         settings = make_settings(
