@@ -234,7 +234,8 @@ async def replay(cfg: ChildConfig) -> Result:
     if report.replayed != cfg.jobs or report.failed or report.invalid:
         raise RuntimeError(
             f"replayed {report.replayed} of {cfg.jobs} (scanned {report.scanned}, "
-            f"{len(report.failed)} failed, {len(report.invalid)} invalid)"
+            f"{len(report.failed)} failed, {len(report.invalid)} invalid; first failures: "
+            f"{report.failed[:3]})"
         )
     return throughput(start, end, cfg.jobs)
 

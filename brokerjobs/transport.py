@@ -312,6 +312,7 @@ class Channel:
         self._scopes: set[asyncio.Timeout] = set()  # one per publish waiting for its confirm
         self.broken = False  # confirms stopped coming: nothing more may be trusted to this channel
         self._acks = AckBatcher()
+        self._settling = asyncio.Lock()  # orders ack/nack frames: see _send_acks
         self._ack_timer: asyncio.TimerHandle | None = None
         self.consumer_cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
@@ -545,12 +546,20 @@ class Channel:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._flush_later)
 
     async def nack(self, delivery_tag: int, *, requeue: bool) -> None:
-        await self.flush_acks()
-        self._acks.settled_otherwise(delivery_tag)
-        await self._ch.basic_nack(delivery_tag, requeue=requeue, wait=False)
+        async with self._settling:
+            await self._send_acks()
+            self._acks.settled_otherwise(delivery_tag)
+            await self._ch.basic_nack(delivery_tag, requeue=requeue, wait=False)
 
     async def flush_acks(self) -> None:
         """Send every ack still waiting (before a cancel, a close, or a drain ends)."""
+        async with self._settling:
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        # Under self._settling: frames computed by one take() must reach the broker before
+        # those of the next, or a multiple ack could overtake a single ack it covers (and the
+        # broker closes the channel: "unknown delivery tag").
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
