@@ -62,7 +62,7 @@ def content_type_problem(content_type: object) -> str | None:
 
     Compared by meaning: any case, parameters allowed, ``+json`` suffixes are JSON.
     """
-    if content_type is None:
+    if content_type is None or content_type == "application/json":  # the hot path: every job
         return None
     if not isinstance(content_type, str):
         return f"content_type {content_type!r} is not a string"
