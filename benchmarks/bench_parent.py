@@ -27,11 +27,12 @@ from pamqp.commands import Basic
 
 from brokerjobs import Publisher
 from brokerjobs import envelope as wire
+from brokerjobs.broker.amqp import Connection
 from brokerjobs.envelope import Delivery, OutgoingMessage, encode
+from brokerjobs.provision import declare
 from brokerjobs.retry import Failure, FailureKind, Park
 from brokerjobs.settlement import parked_message
-from brokerjobs.topology import TopologyPlan, declare, parking_queue_name
-from brokerjobs.transport import Connection
+from brokerjobs.topology import TopologyPlan, parking_queue_name
 
 Side = Literal["raw", "bj", "aiormq"]
 RUN_PY = Path(__file__).with_name("run.py")

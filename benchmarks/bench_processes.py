@@ -51,8 +51,8 @@ async def drain_rate(processes: int, jobs: int) -> float:
     name = f"bjbench.proc.{uuid.uuid4().hex[:8]}"
     bench_app = build_app(name)
     settings = Settings(url=URL)
-    from brokerjobs.topology import declare
-    from brokerjobs.transport import connect
+    from brokerjobs.broker.amqp import connect
+    from brokerjobs.provision import declare
 
     connection = await connect(settings, "bench")
     try:

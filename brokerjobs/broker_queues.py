@@ -25,11 +25,11 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.errors import BrokerJobsError, TopologyError
 from brokerjobs.retry import DEFAULT_DELAYS, tier_label
 from brokerjobs.topology import TopologyPlan, retry_queue_name
 from brokerjobs.topology_diff import BrokerQueue
-from brokerjobs.transport import Connection
 
 MANAGEMENT_ENV = "BROKERJOBS_MANAGEMENT_URL"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname()}

@@ -14,14 +14,14 @@ from typing import Any
 
 from brokerjobs import __version__, parking_cli, publish_cli, topology_cli
 from brokerjobs.app import App
+from brokerjobs.broker.amqp import connect
 from brokerjobs.errors import BrokerJobsError, TopologyError
 from brokerjobs.health import probe
 from brokerjobs.logs import configure_logging
+from brokerjobs.provision import declare
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.stats import held_dead_letters_note
 from brokerjobs.telemetry import configure_from_environment
-from brokerjobs.topology import declare
-from brokerjobs.transport import connect
 from brokerjobs.worker import run_worker
 
 log = logging.getLogger("brokerjobs.cli")

@@ -14,10 +14,11 @@ from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_not_exception_type, stop_after_attempt, wait_fixed
 
 from brokerjobs.app import App, HandlerSpec
+from brokerjobs.broker.base import MessageChannel
 from brokerjobs.context import JobContext, reset_current, set_current
 from brokerjobs.deadlines import DeadlineKeeper
 from brokerjobs.envelope import Decoded, Delivery, decode
-from brokerjobs.errors import PublishError
+from brokerjobs.errors import ConnectionLost, PublishError
 from brokerjobs.executors import Executors, StillRunning
 from brokerjobs.jobs import JobSpec
 from brokerjobs.logs import log_event
@@ -26,7 +27,6 @@ from brokerjobs.retry import NO_RETRY, Failure, FailureKind, Park, clamp_attempt
 from brokerjobs.settings import Settings
 from brokerjobs.settlement import Settlement
 from brokerjobs.telemetry import Processing, Telemetry
-from brokerjobs.transport import CONNECTION_ERRORS, MessageChannel
 
 if TYPE_CHECKING:
     from brokerjobs.status import StatusEmitter, StatusReporter
@@ -36,7 +36,7 @@ log = logging.getLogger("brokerjobs.consumer")
 _SIGNALS = (RetryLater, PermanentFailure, StillRunning)
 UNEXPECTED_ERROR = "brokerjobs.unexpected"
 # Not the message's fault: the broker requeues or a new session settles it.
-_NOT_THE_MESSAGE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, PublishError)
+_NOT_THE_MESSAGE: tuple[type[BaseException], ...] = (ConnectionLost, PublishError)
 
 
 def build_consumer(
@@ -116,7 +116,7 @@ class QueueConsumer:
         except asyncio.CancelledError:
             await self._give_back(delivery)
             raise
-        except CONNECTION_ERRORS as exc:
+        except ConnectionLost as exc:
             # The channel died under us: the broker requeues the delivery by itself.
             log.warning("could not settle %s: %s", delivery.message_id, type(exc).__name__)
         except PublishError as exc:
@@ -280,7 +280,7 @@ class QueueConsumer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _give_back(self, delivery: Delivery) -> None:
-        with contextlib.suppress(*CONNECTION_ERRORS):  # channel gone: the broker requeues it
+        with contextlib.suppress(ConnectionLost):  # channel gone: the broker requeues it
             await self._settlement.requeue(delivery)
 
 

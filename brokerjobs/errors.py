@@ -4,6 +4,7 @@ BrokerJobsError
 ├── ConfigError                 bad settings or a bad app definition
 ├── JobDefinitionError          a model that is not a job, duplicate names
 ├── BrokerUnreachable           cannot connect (host down, TLS, wrong credentials)
+├── ConnectionLost              the connection or channel under an operation failed (retry it)
 ├── TopologyError               declaring exchanges/queues failed
 │   └── TopologyMismatch        an existing queue has other arguments
 ├── PublishError                a publish was not confirmed
@@ -33,6 +34,14 @@ class JobDefinitionError(BrokerJobsError):
 
 class BrokerUnreachable(BrokerJobsError):
     """Cannot connect to RabbitMQ."""
+
+
+class ConnectionLost(BrokerJobsError):
+    """The connection or channel to the broker failed under an operation; it may be retried.
+
+    Every broker implementation raises this (and only this) for a failure of the link itself:
+    the client library's own exceptions never leave ``brokerjobs.broker``.
+    """
 
 
 class TopologyError(BrokerJobsError):

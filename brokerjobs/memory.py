@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from brokerjobs.broker.base import Around
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.errors import PublishError, TopologyError, UnroutableJob
 from brokerjobs.topology import (
@@ -26,7 +27,6 @@ from brokerjobs.topology import (
     TopologyPlan,
     topic_matches,
 )
-from brokerjobs.transport import Around
 
 # TestBroker's logger: dropped dead letters are reported where they always were.
 log = logging.getLogger("brokerjobs.testing")

@@ -16,6 +16,7 @@ import weakref
 from typing import Protocol
 
 from brokerjobs.app import App
+from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.broker_queues import (
     MANAGEMENT_ENV,
     candidate_names,
@@ -25,7 +26,6 @@ from brokerjobs.broker_queues import (
 from brokerjobs.settings import Settings
 from brokerjobs.topology import TopologyPlan
 from brokerjobs.topology_diff import Obsolete, diff
-from brokerjobs.transport import Connection
 
 log = logging.getLogger("brokerjobs.worker")
 _checked: weakref.WeakSet[object] = weakref.WeakSet()  # the workers already checked

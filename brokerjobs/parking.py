@@ -22,13 +22,16 @@ from typing import Any
 
 from brokerjobs import envelope as wire
 from brokerjobs.archive import Digest, Summary, read_export, record_line, write_export
+from brokerjobs.broker import default_broker
+from brokerjobs.broker.base import Broker
+from brokerjobs.broker.base import BrokerChannel as Channel
+from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import Decoded, Delivery, OutgoingMessage, decode
 from brokerjobs.errors import ParkingError, TopologyError
 from brokerjobs.jobs import JobSpec
 from brokerjobs.settings import Settings
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name
-from brokerjobs.transport import Channel, Connection, connect
 
 IDLE_TIMEOUT_S = 3.0  # a scan ends early if the broker sends nothing for this long
 _FAILURE_HEADERS = (
@@ -206,8 +209,10 @@ class ParkingLot:
         *,
         window: int = 500,
         telemetry: Telemetry | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.settings = settings
+        self.broker = broker or default_broker(settings)
         self.telemetry = telemetry or Telemetry()
         self.queue = queue.removesuffix(".parked")
         self.parking_queue = parking_queue_name(self.queue)
@@ -215,7 +220,7 @@ class ParkingLot:
         self._connection: Connection | None = None
 
     async def __aenter__(self) -> ParkingLot:
-        self._connection = await connect(self.settings, "parking")
+        self._connection = await self.broker.connect("parking")
         try:
             await self._check_queues()
         except BaseException:

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import BROKER_DEATH_HEADERS, Delivery, OutgoingMessage, copy_of
 from brokerjobs.errors import TopologyError
 from brokerjobs.topology import DEFAULT_EXCHANGE
 from brokerjobs.topology_diff import Obsolete
-from brokerjobs.transport import Connection
 
 log = logging.getLogger("brokerjobs.prune")
 Deletion = Literal["deleted", "not-empty", "quorum"]  # quorum: the broker has no if-empty delete

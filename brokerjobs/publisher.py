@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from brokerjobs.app import App
+from brokerjobs.broker import default_broker
+from brokerjobs.broker.base import Broker, BrokerChannel, BrokerConnection, MessageChannel
 from brokerjobs.envelope import ORIGIN_ROUTING_KEY, OutgoingMessage, encode
 from brokerjobs.errors import (
     BrokerUnreachable,
@@ -24,7 +26,6 @@ from brokerjobs.errors import (
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import delay_route
-from brokerjobs.transport import Channel, Connection, MessageChannel, connect
 
 log = logging.getLogger("brokerjobs.publisher")
 
@@ -50,15 +51,18 @@ class Publisher:
         telemetry: Telemetry | None = None,
         delay_levels: int = 0,
         channel: MessageChannel | None = None,
+        broker: Broker | None = None,
     ) -> None:
-        """``channel`` replaces the connection (e.g. ``brokerjobs.testing``'s in-memory one)."""
+        """``broker`` defaults to RabbitMQ at ``settings.url``; ``channel`` replaces the
+        connection altogether (one already open, as the worker's settlement uses)."""
         self.settings = settings or load_settings()
+        self.broker = broker or default_broker(self.settings)
         self.telemetry = telemetry or Telemetry()
         self.exchange = exchange
         self.delay_levels = delay_levels
         self._attempts = attempts
-        self._connection: Connection | None = None
-        self._channel: Channel | None = None
+        self._connection: BrokerConnection | None = None
+        self._channel: BrokerChannel | None = None
         self._given_channel = channel
         self._lock = asyncio.Lock()
         self._closed = False  # close() was called: interrupted publishes must not reconnect
@@ -184,6 +188,6 @@ class Publisher:
             if self._channel is None or self._channel.is_closed:
                 if self._connection is not None:
                     await self._connection.close()
-                self._connection = await connect(self.settings, "publisher")
+                self._connection = await self.broker.connect("publisher")
                 self._channel = await self._connection.channel(confirms=True)
             return self._channel

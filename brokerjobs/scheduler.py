@@ -25,14 +25,20 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from brokerjobs.broker import default_broker
+from brokerjobs.broker.base import Broker
+from brokerjobs.broker.base import BrokerChannel as Channel
+from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, encode
 from brokerjobs.errors import (
     BrokerUnreachable,
     ConfigError,
+    ConnectionLost,
     PublishError,
     PublishNacked,
     UnroutableJob,
 )
+from brokerjobs.provision import declare
 from brokerjobs.schedule import (
     DEFAULT_GRACE,
     EPOCH,
@@ -57,8 +63,6 @@ from brokerjobs.schedule import (
     tick_job_id,
 )
 from brokerjobs.settings import Settings, load_settings
-from brokerjobs.topology import declare
-from brokerjobs.transport import CONNECTION_ERRORS, Channel, Connection, connect
 
 if TYPE_CHECKING:
     from brokerjobs.app import App
@@ -71,7 +75,7 @@ TOKEN_PREFETCH = 10
 REFRESH_INTERVAL_S = 60.0
 RECONNECT_MAX_DELAY = 10.0
 # A failed publish or ack may have lost the token: reconnect, and whoever leads next retries.
-SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, *CONNECTION_ERRORS)
+SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost)
 
 
 # -- the token: scheduler state in one message -----------------------------------------------
@@ -91,7 +95,7 @@ def scheduler_queue_arguments(app: App) -> dict[str, Any]:
 
 # -- the scheduler ---------------------------------------------------------------------------
 
-_SETUP_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, PublishNacked)
+_SETUP_ERRORS: tuple[type[BaseException], ...] = (ConnectionLost, PublishNacked)
 
 
 class _Session:
@@ -185,6 +189,7 @@ class Scheduler:
         *,
         refresh_interval: float | None = None,
         clock: Callable[[], datetime] | None = None,
+        broker: Broker | None = None,
     ) -> None:
         """``refresh_interval``: seconds between token refreshes (default 60 s, and under a
         quarter of the broker's consumer_timeout); ``clock``: the UTC time source (tests).
@@ -193,6 +198,7 @@ class Scheduler:
             raise ConfigError(f"app {app.name!r} has no schedules: add app.schedule(...)")
         self.app = app
         self.settings = settings or load_settings()
+        self.broker = broker or default_broker(self.settings)
         self.queue = scheduler_queue(app)
         if self.queue in app.queues:
             raise ConfigError(f"queue {self.queue!r} is reserved for the scheduler: rename it")
@@ -262,7 +268,7 @@ class Scheduler:
         log.info("scheduler stopped")
 
     async def _open_session(self) -> _Session:
-        connection = await connect(self.settings, "scheduler")
+        connection = await self.broker.connect("scheduler")
         try:
             await declare(connection, self.app.topology())
             channel = await connection.channel(confirms=True, prefetch=TOKEN_PREFETCH)

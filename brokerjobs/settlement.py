@@ -15,12 +15,12 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from brokerjobs import envelope as wire
+from brokerjobs.broker.base import MessageChannel
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.errors import PublishNacked
 from brokerjobs.retry import Decision, Failure, Park, Retry, RetryPolicy, clamp_attempt, decide
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name, retry_queue_name
-from brokerjobs.transport import MessageChannel
 from brokerjobs.validation import trace_id
 
 MAX_TRACEBACK_CHARS = 4000

@@ -21,10 +21,12 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from brokerjobs.broker import default_broker
+from brokerjobs.broker.base import Broker, MessageChannel
+from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int, new_job_id
-from brokerjobs.errors import UnroutableJob
+from brokerjobs.errors import ConnectionLost, UnroutableJob
 from brokerjobs.settings import Settings
-from brokerjobs.transport import CONNECTION_ERRORS, Connection, MessageChannel, connect
 
 log = logging.getLogger("brokerjobs.status")
 
@@ -91,7 +93,7 @@ class StatusEmitter:
             await self._channel.publish(message, self._exchange, f"{status.job}.{status.state}")
         except UnroutableJob:
             pass  # nobody is tracking this job type: fine
-        except CONNECTION_ERRORS as exc:
+        except ConnectionLost as exc:
             log.debug("status event for %s lost: %s", status.job_id, exc)
 
     def emit_soon(self, status: JobStatus) -> None:
@@ -196,8 +198,10 @@ class StatusTracker:
         exchange: str,
         store: StatusStore | None = None,
         patterns: tuple[str, ...] = ("#",),
+        broker: Broker | None = None,
     ) -> None:
         self.settings = settings
+        self.broker = broker or default_broker(settings)
         self.exchange = exchange
         self.store: StatusStore = store or MemoryStatusStore()
         self._patterns = patterns
@@ -227,7 +231,7 @@ class StatusTracker:
 
     async def _subscribe(self) -> None:
         self.ready.clear()
-        self._connection = await connect(self.settings, "status-tracker")
+        self._connection = await self.broker.connect("status-tracker")
         channel = await self._connection.channel(confirms=False, prefetch=1000)
         exchange = status_exchange_name(self.exchange)
         await channel.declare_exchange(exchange, "topic")

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from brokerjobs.errors import ConfigError
 from brokerjobs.retry import tier_label
-from brokerjobs.transport import Connection
 
 QueueKind = Literal["classic", "quorum"]
 QueueRole = Literal["main", "retry", "parking", "delay"]
@@ -288,22 +287,3 @@ def _parking_arguments(spec: QueueSpec) -> dict[str, Any]:
     if spec.parked_ttl is not None:
         arguments["x-message-ttl"] = round(spec.parked_ttl * 1000)
     return arguments
-
-
-async def declare(connection: Connection, topology: TopologyPlan) -> None:
-    """Declare the plan; idempotent. A queue with other arguments raises TopologyMismatch."""
-    channel = await connection.channel(confirms=False)
-    try:
-        for exchange in (topology.exchange, *topology.exchanges):
-            await channel.declare_exchange(exchange, "topic")
-        for queue in topology.queues:
-            await channel.declare_queue(queue.name, queue.arguments)
-            for pattern in queue.patterns:
-                await channel.bind(queue.name, topology.exchange, pattern)
-        for binding in topology.bindings:
-            if binding.to_exchange:
-                await channel.bind_exchange(binding.destination, binding.source, binding.pattern)
-            else:
-                await channel.bind(binding.destination, binding.source, binding.pattern)
-    finally:
-        await channel.close()

@@ -18,6 +18,7 @@ import sys
 import textwrap
 from typing import Any
 
+from brokerjobs.broker.amqp import connect
 from brokerjobs.broker_queues import (
     ListingUnavailable,
     candidate_names,
@@ -27,7 +28,6 @@ from brokerjobs.broker_queues import (
 from brokerjobs.prune import PruneReport, prune
 from brokerjobs.settings import Settings
 from brokerjobs.topology_diff import Obsolete, TopologyDiff, diff, with_depths
-from brokerjobs.transport import connect
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _GUESSING = (

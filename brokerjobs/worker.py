@@ -18,14 +18,17 @@ from typing import Any
 
 from brokerjobs import obsolete_check
 from brokerjobs.app import App
+from brokerjobs.broker import default_broker
+from brokerjobs.broker.base import Broker
+from brokerjobs.broker.base import BrokerChannel as Channel
+from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.consumer import QueueConsumer, build_consumer
-from brokerjobs.errors import BrokerJobsError, BrokerUnreachable, ConfigError
+from brokerjobs.errors import BrokerJobsError, BrokerUnreachable, ConfigError, ConnectionLost
 from brokerjobs.executors import Executors
 from brokerjobs.health import HealthServer
+from brokerjobs.provision import declare
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry
-from brokerjobs.topology import declare
-from brokerjobs.transport import CONNECTION_ERRORS, Channel, Connection, connect
 
 log = logging.getLogger("brokerjobs.worker")
 
@@ -83,9 +86,11 @@ class Worker:
         *,
         queues: Iterable[str] | None = None,
         telemetry: Telemetry | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.app = app
         self.settings = settings or load_settings()
+        self.broker = broker or default_broker(self.settings)
         self.telemetry = telemetry or Telemetry()
         self.queues = app.select_queues(queues)
         if not self.queues:
@@ -235,7 +240,7 @@ class Worker:
                 if not started_once:
                     raise
                 log.warning("broker unreachable; retrying in %.1fs", delay)
-            except CONNECTION_ERRORS as exc:
+            except ConnectionLost as exc:
                 log.warning("session setup failed (%s); retrying in %.1fs", exc, delay)
             else:
                 started_once = True
@@ -284,7 +289,7 @@ class Worker:
         return None
 
     async def _open_session(self) -> _Session:
-        connection = await connect(self.settings, "worker")
+        connection = await self.broker.connect("worker")
         session = _Session(connection)
         try:
             self._check_priorities(connection.server_version)
@@ -330,7 +335,7 @@ class Worker:
     async def _drain(self, session: _Session) -> None:
         """Stop consuming, let in-flight jobs finish within the grace period, requeue the rest."""
         for channel, tag, _ in session.consumers:
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            with contextlib.suppress(ConnectionLost):
                 await channel.cancel(tag)
         inflight = session.inflight()
         if inflight:

@@ -17,12 +17,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from brokerjobs import App, Publisher, PublishError, Settings
+from brokerjobs.broker.amqp import connect
 from brokerjobs.envelope import new_job_id
 from brokerjobs.jobs import spec_of
+from brokerjobs.provision import declare
 from brokerjobs.settings import load_settings
 from brokerjobs.status import StatusStore, StatusTracker
-from brokerjobs.topology import declare
-from brokerjobs.transport import connect
 from examples.thumbnails.jobs import ImageRequest, ProcessImage
 
 log = logging.getLogger("thumbnails.api")

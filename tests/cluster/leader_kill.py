@@ -25,8 +25,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job, job
+from brokerjobs.broker.amqp import connect
 from brokerjobs.topology import QueuePlan
-from brokerjobs.transport import connect
 from tests.support.cluster import ClusterError, Node, RabbitCluster, running_cluster
 
 JOBS = 1000

@@ -35,8 +35,8 @@ import pytest
 from pydantic import BaseModel
 
 from brokerjobs import App, Publisher, PublishError, RetryPolicy, Settings, Worker, current_job, job
+from brokerjobs.broker.amqp import connect
 from brokerjobs.topology import TopologyPlan
-from brokerjobs.transport import connect
 from tests.support.cluster import ClusterError, FailoverProxy, Node, RabbitCluster
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,9 @@ from pydantic import BaseModel
 from brokerjobs import App, Publisher
 from brokerjobs.envelope import Delivery, OutgoingMessage, new_job_id
 from brokerjobs.parking import ParkedJob
+from brokerjobs.provision import declare
 from brokerjobs.testing import TestBroker
-from brokerjobs.topology import declare, parking_queue_name
+from brokerjobs.topology import parking_queue_name
 from tests.support.broker import (
     Broker,
     make_settings,

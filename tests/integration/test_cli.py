@@ -74,7 +74,7 @@ async def test_scheduler_command_publishes_ticks_and_stops_on_sigterm(broker) ->
     name = unique("schedcli")
     app = broker.track(build_app(name, 1.0))
     broker.track_queue(f"{name}.scheduler")
-    from brokerjobs.topology import declare
+    from brokerjobs.provision import declare
 
     await declare(broker.connection, app.topology())
     process = subprocess.Popen(

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job
+from brokerjobs.broker.amqp import connect
 from brokerjobs.envelope import encode
-from brokerjobs.topology import declare
-from brokerjobs.transport import connect
+from brokerjobs.provision import declare
 from tests.support.broker import TEST_URL, Broker, make_settings, running_worker, unique, wait_for
 from tests.support.fault_app import (
     LOG_ENV,

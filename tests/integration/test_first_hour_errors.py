@@ -14,10 +14,10 @@ import pytest
 from pydantic import BaseModel
 
 from brokerjobs import BrokerUnreachable, ConfigError, job
+from brokerjobs.broker.amqp import connect
 from brokerjobs.errors import TopologyError
 from brokerjobs.publisher import Publisher
 from brokerjobs.settings import load_settings
-from brokerjobs.transport import connect
 from tests.support.broker import TEST_URL, make_settings, unique
 
 SECRET = "s3cr3t-pw"

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from brokerjobs import App, PermanentFailure, Publisher, job
 from brokerjobs import envelope as wire
 from brokerjobs.parking import ParkingLot, Selection
-from brokerjobs.topology import declare
+from brokerjobs.provision import declare
 from tests.support.broker import (
     TEST_URL,
     Broker,

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from brokerjobs import amqp_values as av
+from brokerjobs.broker.amqp import connect
 from brokerjobs.envelope import Delivery, OutgoingMessage, copy_of
 from brokerjobs.errors import PublishError
 from brokerjobs.parking import ParkingLot
 from brokerjobs.topology import parking_queue_name
-from brokerjobs.transport import connect
 from tests.support.amqp_strategies import messages
 from tests.support.broker import TEST_URL, Broker, make_settings, unique
 from tests.support.codec_checks import canonical_table, differences, park_copy, wire_of

@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from brokerjobs import amqp_values as av
+from brokerjobs.broker.amqp.properties import MAX_PROPERTIES_BYTES
+from brokerjobs.broker.amqp.properties import encode_properties as _encode_properties
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.parking import ParkingLot
 from brokerjobs.topology import parking_queue_name
-from brokerjobs.transport import MAX_PROPERTIES_BYTES, _encode_properties
 from tests.support.amqp_strategies import every_type_headers
 from tests.support.broker import TEST_URL, Broker, make_settings, unique
 from tests.support.codec_checks import park_copy, wire_of

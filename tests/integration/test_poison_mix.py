@@ -22,7 +22,7 @@ import aiormq
 import pytest
 
 from brokerjobs.envelope import PARK_REASON, Delivery, OutgoingMessage, new_job_id
-from brokerjobs.topology import declare
+from brokerjobs.provision import declare
 from tests.support import raw_amqp as raw
 from tests.support.broker import TEST_URL, Broker, unique, wait_for
 from tests.support.fault_app import read_records

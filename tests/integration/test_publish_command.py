@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from brokerjobs import App, job
-from brokerjobs.topology import declare
+from brokerjobs.provision import declare
 from tests.support.broker import TEST_URL, Broker, unique, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from pydantic import BaseModel
 
 from brokerjobs import App, Publisher, RetryLater, RetryPolicy, current_job, job
 from brokerjobs import envelope as wire
-from brokerjobs.topology import declare
-from brokerjobs.transport import Channel
+from brokerjobs.broker.amqp import Channel
+from brokerjobs.provision import declare
 from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for
 
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from brokerjobs import App, job
 from brokerjobs.envelope import Delivery
 from brokerjobs.errors import PublishInterrupted
+from brokerjobs.provision import declare
 from brokerjobs.schedule import merge_state
 from brokerjobs.scheduler import (
     SCHEDULE,
@@ -37,7 +38,6 @@ from brokerjobs.scheduler import (
     scheduler_queue,
     tick_job_id,
 )
-from brokerjobs.topology import declare
 from tests.support.broker import TEST_URL, Broker, make_settings, unique, wait_for
 from tests.support.sched_app import EVERY_ENV, NAME_ENV, SCHEDULE_NAME, Tick, build_app, job_queue
 

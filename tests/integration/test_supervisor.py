@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from brokerjobs.health import probe
+from brokerjobs.provision import declare
 from brokerjobs.publisher import Publisher
-from brokerjobs.topology import declare
 from tests.support.broker import TEST_URL, Broker, make_settings, unique, wait_for
 from tests.support.fault_app import LOG_ENV, NAME_ENV, FaultJob, build_app, read_records
 

@@ -8,8 +8,8 @@ import pytest
 from pydantic import BaseModel
 
 from brokerjobs import App, BrokerUnreachable, Publisher, TopologyMismatch, current_job, job
-from brokerjobs.topology import declare
-from brokerjobs.transport import connect
+from brokerjobs.broker.amqp import connect
+from brokerjobs.provision import declare
 from tests.support.broker import (
     TEST_URL,
     Broker,

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from brokerjobs import App, RetryPolicy, job
 from brokerjobs.envelope import Delivery, OutgoingMessage, new_job_id
 from brokerjobs.errors import TopologyError
-from brokerjobs.topology import declare
+from brokerjobs.provision import declare
 from tests.support.broker import (
     TEST_HOST,
     TEST_PORT,

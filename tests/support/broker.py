@@ -11,8 +11,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from brokerjobs import App, Settings, Worker
+from brokerjobs.broker.amqp import Channel, Connection, connect
+from brokerjobs.broker.base import QueueState
 from brokerjobs.envelope import Delivery
-from brokerjobs.transport import Channel, Connection, QueueState, connect
 from tests.support.hygiene import record_declarations
 from tests.support.matrix import force_queue_kind
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from brokerjobs import amqp_values as av
-from brokerjobs import transport
+from brokerjobs.broker.amqp import properties as transport
 from tests.support.amqp_strategies import every_type_headers, header_tables, short_strings
 
 ALL = list(av.PROPERTY_NAMES)
@@ -47,7 +47,7 @@ def test_every_property_list_survives_the_content_header_decoder(
     values = {name: text for name in ALL}
     values.update(headers=headers or None, delivery_mode=2, priority=0, timestamp=stamp)
     frame = struct.pack(">HHQ", 60, 0, 5) + property_list(**values)
-    header = transport._decode_content_header(frame)
+    header = transport.decode_content_header(frame)
     properties = header.properties
     assert header.body_size == 5
     assert properties.message_type == properties.message_id == text
@@ -57,7 +57,7 @@ def test_every_property_list_survives_the_content_header_decoder(
 
 def test_pamqp_content_headers_go_through_the_brokerjobs_decoder() -> None:
     assert transport.FRAME_DECODER_INSTALLED
-    assert pamqp.frame._unmarshal_header_frame is transport._decode_content_header
+    assert pamqp.frame._unmarshal_header_frame is transport.decode_content_header
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from contextlib import asynccontextmanager, contextmanager
 import pytest
 
 from brokerjobs import BrokerUnreachable
+from brokerjobs.broker.amqp import connect
 from brokerjobs.settings import Settings
-from brokerjobs.transport import connect
 from tests.support.broker import TEST_URL, make_settings
 
 ATTEMPT_S = 1.0

@@ -167,7 +167,8 @@ def test_otlp_export_is_configured_from_the_standard_environment_variable() -> N
 
 
 def test_cached_property_encoding_is_byte_identical_to_encoding_each_message() -> None:
-    from brokerjobs.transport import _encode_properties, _properties
+    from brokerjobs.broker.amqp.properties import encode_properties as _encode_properties
+    from brokerjobs.broker.amqp.properties import properties as _properties
 
     first = encode(Welcome(user_id=1), headers={"traceparent": "00-abc-def-01"})
     second = encode(Welcome(user_id=2), headers={"traceparent": "00-abc-def-01"})
@@ -183,7 +184,7 @@ def test_cached_property_encoding_is_byte_identical_to_encoding_each_message() -
 def test_a_fresh_job_goes_out_exactly_as_pamqp_encoded_it() -> None:
     from pamqp.commands import Basic
 
-    from brokerjobs.transport import _properties
+    from brokerjobs.broker.amqp.properties import properties as _properties
 
     message = encode(Welcome(user_id=1))
     expected = Basic.Properties(

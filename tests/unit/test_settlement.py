@@ -63,7 +63,6 @@ async def test_a_copy_that_is_never_confirmed_leaves_the_original_unacked(monkey
     assert "ack 7" not in channel.log
 
 
-
 def test_a_parked_job_names_the_trace_of_its_first_publish() -> None:
     from brokerjobs.retry import Park
     from brokerjobs.settlement import parked_message
