@@ -11,10 +11,10 @@ from brokerjobs.errors import (
     UnroutableJob,
 )
 from brokerjobs.jobs import job
-from brokerjobs.outcomes import PermanentFailure, RetryLater
 from brokerjobs.publisher import Publisher
 from brokerjobs.retry import RetryPolicy
 from brokerjobs.settings import Settings
+from brokerjobs.signals import PermanentFailure, RetryLater
 from brokerjobs.worker import Worker
 
 __version__ = "0.1.0"  # kept equal to pyproject.toml's by a test

@@ -10,7 +10,9 @@ from typing import Any, Literal, TypeAlias, TypeVar
 from pydantic import BaseModel
 
 from brokerjobs.errors import ConfigError
+from brokerjobs.hooks import HookCallback, HookEvent, LifecycleHooks
 from brokerjobs.jobs import JobSpec, spec_of
+from brokerjobs.middleware import Middleware
 from brokerjobs.priorities import PriorityFinding, check_queue, classic_max_priority
 from brokerjobs.retry import RetryPolicy
 from brokerjobs.schedule import (
@@ -37,6 +39,7 @@ class HandlerSpec:
     run_in: RunIn
     retry: RetryPolicy
     timeout: float | None
+    slow_after: float | None = None
 
 
 class App:
@@ -55,9 +58,15 @@ class App:
         queue_kind: QueueKind = "classic",
         track_status: bool = False,
         delay_levels: int = 0,
+        middleware: Iterable[Middleware] = (),
+        slow_job_after: float | None = None,
+        on_slow_job: Callable[[Any], object] | None = None,
     ) -> None:
         """``track_status`` publishes job states and progress to ``<exchange>.status``;
         ``delay_levels`` > 0 adds the queues for delayed publishing (2**levels - 1 s at most).
+        ``middleware`` run around every delivery and publish (``brokerjobs.Middleware``);
+        ``slow_job_after`` (seconds) reports jobs still running past it, to ``on_slow_job``
+        (a ``SlowJob``) as well as the log and metrics, while they run.
         """
         if not name:
             raise ConfigError("an app needs a name")
@@ -71,6 +80,36 @@ class App:
         self._queues: dict[str, QueueSpec] = {}
         self._handlers: dict[str, dict[str, HandlerSpec]] = {}
         self.schedules: list[Schedule] = []
+        self.middleware: list[Middleware] = list(middleware)
+        if slow_job_after is not None and slow_job_after <= 0:
+            raise ConfigError("slow_job_after must be positive seconds")
+        self.slow_job_after = slow_job_after
+        self.on_slow_job = on_slow_job
+        self._hooks: LifecycleHooks | None = None
+
+    def use(self, *middleware: Middleware) -> None:
+        """Add middleware after those already added (each runs in the order added)."""
+        for m in middleware:
+            if not isinstance(m, Middleware):
+                raise ConfigError(f"{m!r} is not a brokerjobs.Middleware")
+        self.middleware.extend(middleware)
+
+    def on(self, event: HookEvent, callback: HookCallback) -> HookCallback:
+        """Call ``callback(run)`` on ``"start"``, ``"complete"`` or ``"fail"`` of every job."""
+        if self._hooks is None:
+            self._hooks = LifecycleHooks()
+            self.use(self._hooks)
+        self._hooks.add(event, callback)
+        return callback
+
+    def slow_thresholds(self) -> dict[str, float]:
+        """Job name -> slow-job threshold, for the handlers that set one."""
+        return {
+            name: h.slow_after
+            for handlers in self._handlers.values()
+            for name, h in handlers.items()
+            if h.slow_after is not None
+        }
 
     def queue(
         self,
@@ -112,12 +151,16 @@ class App:
         retry: RetryPolicy | None = None,
         run_in: RunIn | None = None,
         timeout: float | None = None,
+        slow_after: float | None = None,
     ) -> Callable[[HandlerFunc[J]], HandlerFunc[J]]:
         """Register the decorated function as the handler of ``job_type`` on ``queue``.
 
         Without ``queue`` the job gets its own queue ``<app>.<job name>``. Async functions run on
         the event loop; plain functions run in a thread (``run_in="process"`` for CPU-bound work).
+        ``slow_after``: seconds after which a still running job is reported (see ``App``).
         """
+        if slow_after is not None and slow_after <= 0:
+            raise ConfigError("slow_after must be positive seconds")
         job = spec_of(job_type)
         queue_name = self._queue_for(job, queue)
 
@@ -132,7 +175,7 @@ class App:
             if job.name in handlers:
                 raise ConfigError(f"job {job.name!r} already has a handler on queue {queue_name!r}")
             handlers[job.name] = HandlerSpec(
-                job, func, queue_name, mode, retry or job.retry, timeout
+                job, func, queue_name, mode, retry or job.retry, timeout, slow_after
             )
             return func
 

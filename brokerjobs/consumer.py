@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_not_exception_type, stop_after_attempt, wait_fixed
@@ -21,15 +21,22 @@ from brokerjobs.envelope import Decoded, Delivery, decode
 from brokerjobs.errors import ConnectionLost, PublishError
 from brokerjobs.executors import Executors, StillRunning
 from brokerjobs.jobs import JobSpec
-from brokerjobs.logs import log_event
-from brokerjobs.outcomes import PermanentFailure, RetryLater
-from brokerjobs.retry import NO_RETRY, Failure, FailureKind, Park, clamp_attempt, describe
+from brokerjobs.middleware import JobRun, Middleware, Pipeline
+from brokerjobs.outcome_log import LogOutcomes
+from brokerjobs.outcomes import COMPLETED, REQUEUED, Outcome, Settled
+from brokerjobs.retry import (
+    NO_RETRY,
+    Decision,
+    Failure,
+    FailureKind,
+    Retry,
+    clamp_attempt,
+    describe,
+)
 from brokerjobs.settings import Settings
 from brokerjobs.settlement import Settlement
-from brokerjobs.telemetry import Processing, Telemetry
-
-if TYPE_CHECKING:
-    from brokerjobs.status import StatusEmitter, StatusReporter
+from brokerjobs.signals import PermanentFailure, RetryLater
+from brokerjobs.telemetry import Telemetry
 
 log = logging.getLogger("brokerjobs.consumer")
 
@@ -37,6 +44,7 @@ _SIGNALS = (RetryLater, PermanentFailure, StillRunning)
 UNEXPECTED_ERROR = "brokerjobs.unexpected"
 # Not the message's fault: the broker requeues or a new session settles it.
 _NOT_THE_MESSAGE: tuple[type[BaseException], ...] = (ConnectionLost, PublishError)
+_GIVEN_BACK: tuple[type[BaseException], ...] = (asyncio.CancelledError, *_NOT_THE_MESSAGE)
 
 
 def build_consumer(
@@ -46,26 +54,44 @@ def build_consumer(
     settings: Settings,
     executors: Executors,
     telemetry: Telemetry,
-    settlement: Settlement | None = None,
+    extra: Sequence[Middleware] = (),
 ) -> QueueConsumer:
-    """A queue's consumer wired as the worker runs it (the in-memory broker reuses this)."""
+    """A queue's consumer as the worker runs it, with its pipeline of middleware."""
     return QueueConsumer(
         queue,
         app.handlers(queue),
-        settlement or Settlement(channel, queue, telemetry),
+        Settlement(channel, queue, telemetry),
         settings,
         executors,
-        telemetry,
-        _status_emitter(app, channel),
+        delivery_pipeline(app, channel, telemetry, extra),
     )
 
 
-def _status_emitter(app: App, channel: MessageChannel) -> StatusEmitter | None:
-    if not app.track_status:
-        return None
-    from brokerjobs.status import StatusEmitter  # loaded only by apps that track status
+def delivery_pipeline(
+    app: App, channel: MessageChannel, telemetry: Telemetry, extra: Sequence[Middleware] = ()
+) -> Pipeline:
+    """Telemetry first (its span holds every later hook), then status events, the app's
+    middleware, the given ones, and the outcome log line last."""
+    built_in: list[Middleware] = []
+    if telemetry.enabled:
+        from brokerjobs.telemetry.middleware import TelemetryMiddleware
 
-    return StatusEmitter(channel, app.exchange)
+        built_in.append(TelemetryMiddleware(telemetry))
+    if app.track_status:
+        from brokerjobs.status_events import StatusEvents  # loaded only by apps that track status
+
+        built_in.append(StatusEvents(channel, app.exchange))
+    watch = _slow_job_alert(app, telemetry)
+    return Pipeline([*built_in, *app.middleware, *extra, *watch, LogOutcomes()])
+
+
+def _slow_job_alert(app: App, telemetry: Telemetry) -> list[Middleware]:
+    thresholds = app.slow_thresholds()
+    if not thresholds and app.slow_job_after is None:
+        return []
+    from brokerjobs.slow_jobs import SlowJobAlert
+
+    return [SlowJobAlert(thresholds, app.slow_job_after, app.on_slow_job, telemetry)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +100,7 @@ class Completed:
 
 
 class QueueConsumer:
-    """Handles every delivery of one queue; one asyncio task per delivery (aiormq's)."""
+    """Handles every delivery of one queue; one asyncio task per delivery (the broker's)."""
 
     def __init__(
         self,
@@ -83,17 +109,15 @@ class QueueConsumer:
         settlement: Settlement,
         settings: Settings,
         executors: Executors,
-        telemetry: Telemetry,
-        status: StatusEmitter | None = None,
+        pipeline: Pipeline,
     ) -> None:
         self.queue = queue
-        self._status = status
-        self._telemetry = telemetry
         self._handlers = handlers
         self._jobs: Mapping[str, JobSpec] = {name: h.job for name, h in handlers.items()}
         self._settlement = settlement
         self._settings = settings
         self._executors = executors
+        self._pipeline = pipeline
         # Each delivery's task and when it started: the worker's readiness watches for stuck ones.
         self.inflight: dict[asyncio.Task[Any], float] = {}
         self._deadlines = DeadlineKeeper()
@@ -118,7 +142,7 @@ class QueueConsumer:
             raise
         except ConnectionLost as exc:
             # The channel died under us: the broker requeues the delivery by itself.
-            log.warning("could not settle %s: %s", delivery.message_id, type(exc).__name__)
+            log.warning("could not settle %s: %s", delivery.message_id, exc)
         except PublishError as exc:
             # The retry or parking copy was not confirmed: a queue gone (unroutable) or a
             # channel the broker keeps nacking (3.10 quorum queues after a leader kill). The
@@ -135,27 +159,32 @@ class QueueConsumer:
             self.needs_new_session.set_result(why)
 
     async def _process(self, delivery: Delivery) -> None:
-        with self._telemetry.processing(delivery, self.queue) as record:
-            settled = [False]
-            try:
-                await self._decode_run_settle(delivery, record, settled)
-            except asyncio.CancelledError:
-                record.settled("requeue")
-                raise
-            except _NOT_THE_MESSAGE:
-                raise
-            except Exception as exc:  # a bug in brokerjobs or in what the handler returned
-                record.settled("park", UNEXPECTED_ERROR)
-                await self._unexpected(delivery, exc, settled[0])
+        pipeline = self._pipeline
+        run = JobRun(delivery, self.queue) if pipeline.watches_deliveries else None
+        if run is not None and pipeline.received:
+            await pipeline.run(pipeline.received, run)
+        done: list[Settled] = []  # set once settled: an error after that must not settle again
+        try:
+            await self._decode_run_settle(delivery, run, done)
+        except _GIVEN_BACK as exc:
+            done.append(Settled(Outcome.REQUEUED, reason=type(exc).__name__))
+            raise
+        except Exception as exc:  # a bug in brokerjobs or in what the handler returned
+            await self._unexpected(delivery, exc, done)
+        finally:
+            if run is not None and pipeline.after_settle:
+                run.settled = done[0] if done else REQUEUED
+                await pipeline.run(pipeline.after_settle, run)
 
-    async def _unexpected(self, delivery: Delivery, exc: Exception, settled: bool) -> None:
+    async def _unexpected(self, delivery: Delivery, exc: Exception, done: list[Settled]) -> None:
         """Park a delivery that met an error nobody expected, instead of holding it forever."""
         what = f"unexpected {describe(exc)} while handling the job"[:1000]
-        if settled:  # the ack (or its copy) went out already: nothing left to hold
+        if done:  # the ack (or its copy) went out already: nothing left to hold
             log.error("job %s: %s (after settling)", delivery.message_id, what, exc_info=exc)
             return
         log.error("job %s: %s; parking it", delivery.message_id, what, exc_info=exc)
         failure = Failure(FailureKind.POISON, what, None, UNEXPECTED_ERROR, exc)
+        done.append(Settled(Outcome.PARKED, UNEXPECTED_ERROR, what))
         try:
             await self._settlement.failed(delivery, NO_RETRY, failure)
         except asyncio.CancelledError:
@@ -169,9 +198,8 @@ class QueueConsumer:
             await self._settlement.reject(delivery)
 
     async def _decode_run_settle(
-        self, delivery: Delivery, record: Processing, settled: list[bool]
+        self, delivery: Delivery, run: JobRun | None, done: list[Settled]
     ) -> None:
-        started = time.monotonic()
         s = self._settings
         decoded = decode(
             delivery,
@@ -182,53 +210,47 @@ class QueueConsumer:
         )
         if not isinstance(decoded, Decoded):
             poison = Failure(FailureKind.POISON, decoded.reason, error_type="undecodable")
-            await self._settlement.failed(delivery, NO_RETRY, poison)
-            settled[0] = True
-            record.settled("park", "undecodable")
-            log_event(log, logging.WARNING, "parked", delivery, self.queue, started, decoded.reason)
+            decision = await self._settlement.failed(delivery, NO_RETRY, poison)
+            done.append(settled_by(poison, decision))
             return
         handler = self._handlers[decoded.spec.name]
-        status = self._status.reporter(delivery, handler.job.name) if self._status else None
-        outcome = await self._run(handler, decoded.job, delivery, status)
+        context = self._context(delivery, handler)
+        outcome = await self._run(handler, decoded.job, context, run)
         if isinstance(outcome, Completed):
-            if status:
-                await status.completed(outcome.result)
+            if run is not None:
+                run.result = outcome.result
+                await self._pipeline.run(self._pipeline.after_success, run)
             await self._settlement.succeeded(delivery)
-            settled[0] = True
-            record.settled("ack")
-            log_event(log, logging.INFO, "completed", delivery, self.queue, started)
+            done.append(COMPLETED)
             return
-        decision = await self._settlement.failed(delivery, handler.retry, outcome)
-        settled[0] = True
-        retried = not isinstance(decision, Park)
-        record.settled("retry" if retried else "park", outcome.error_type)
-        if status:
-            await status.failed("retrying" if retried else "parked", outcome.reason)
-        action = "retry_scheduled" if retried else "parked"
-        log_event(log, logging.WARNING, action, delivery, self.queue, started, outcome.reason)
+        decision = self._settlement.decide(delivery, handler.retry, outcome)
+        if run is not None:
+            run.failure, run.decision = outcome, decision
+            await self._pipeline.run(self._pipeline.after_failure, run)
+        await self._settlement.carry_out(delivery, handler.retry, outcome, decision)
+        done.append(settled_by(outcome, decision))
 
-    async def _run(
-        self,
-        handler: HandlerSpec,
-        job: BaseModel,
-        delivery: Delivery,
-        status: StatusReporter | None,
-    ) -> Failure | Completed:
-        context = JobContext(
+    def _context(self, delivery: Delivery, handler: HandlerSpec) -> JobContext:
+        return JobContext(
             job_id=delivery.message_id or f"delivery-{delivery.delivery_tag}",
             job_name=handler.job.name,
             queue=self.queue,
             attempt=clamp_attempt(handler.retry, delivery.attempt),
             redelivered=delivery.redelivered,
         )
+
+    async def _run(
+        self, handler: HandlerSpec, job: BaseModel, context: JobContext, run: JobRun | None
+    ) -> Failure | Completed:
         token = set_current(context)
-        progress = status.started() if status else None
         try:
+            if run is not None:
+                run.job, run.job_name, run.context = job, handler.job.name, context
+                await self._pipeline.run(self._pipeline.decoded, run)
+                await self._pipeline.run(self._pipeline.before_handler, run)
             return await self._invoke(handler, job, context.job_id)
         finally:
             reset_current(token)
-            if status is not None and progress is not None:
-                status.unbind_progress(progress)
 
     async def _invoke(
         self, handler: HandlerSpec, job: BaseModel, job_id: str
@@ -282,6 +304,12 @@ class QueueConsumer:
     async def _give_back(self, delivery: Delivery) -> None:
         with contextlib.suppress(ConnectionLost):  # channel gone: the broker requeues it
             await self._settlement.requeue(delivery)
+
+
+def settled_by(failure: Failure, decision: Decision) -> Settled:
+    if isinstance(decision, Retry):
+        return Settled(Outcome.RETRIED, failure.error_type, failure.reason, decision.delay)
+    return Settled(Outcome.PARKED, failure.error_type, decision.reason)
 
 
 def _error(exc: Exception) -> Failure:

@@ -1,20 +1,27 @@
-"""What a handler can say besides returning: retry me later, or give up for good."""
+"""How a delivery ended: one vocabulary for settlement, telemetry, status, logs and tests."""
 
 from __future__ import annotations
 
-
-class RetryLater(Exception):
-    """Ask brokerjobs to run the job again later, after at least ``delay`` seconds.
-
-    The delay is rounded up to the next retry tier; the attempt still counts.
-    """
-
-    def __init__(
-        self, reason: str = "retry requested by the handler", *, delay: float | None = None
-    ):
-        super().__init__(reason)
-        self.delay = delay
+from dataclasses import dataclass
+from enum import StrEnum
 
 
-class PermanentFailure(Exception):
-    """Retrying cannot help: park the job at once with this reason."""
+class Outcome(StrEnum):
+    COMPLETED = "completed"  # the handler returned; the delivery is acked
+    RETRIED = "retried"  # a copy waits in a retry tier (confirmed), then the original is acked
+    PARKED = "parked"  # a copy is in the parking queue (confirmed), or the delivery dead-lettered
+    REQUEUED = "requeued"  # given back untouched (shutdown, a lost channel): no attempt used
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The outcome of one delivery, with what explains it."""
+
+    outcome: Outcome
+    error_type: str | None = None  # the failure's type (retried, parked)
+    reason: str | None = None  # the failure (retried) or the park reason (parked)
+    retry_delay: float | None = None  # the tier a retried job waits in
+
+
+COMPLETED = Settled(Outcome.COMPLETED)
+REQUEUED = Settled(Outcome.REQUEUED)

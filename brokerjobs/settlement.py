@@ -42,8 +42,20 @@ class Settlement:
         await self._channel.ack(delivery.delivery_tag)
 
     async def failed(self, delivery: Delivery, policy: RetryPolicy, failure: Failure) -> Decision:
+        decision = self.decide(delivery, policy, failure)
+        await self.carry_out(delivery, policy, failure, decision)
+        return decision
+
+    @staticmethod
+    def decide(delivery: Delivery, policy: RetryPolicy, failure: Failure) -> Decision:
+        """The retry rule's answer for this delivery's attempt (pure: ``retry.decide``)."""
+        return decide(policy, clamp_attempt(policy, delivery.attempt), failure)
+
+    async def carry_out(
+        self, delivery: Delivery, policy: RetryPolicy, failure: Failure, decision: Decision
+    ) -> None:
+        """Publish the retry or parking copy with confirm, then ack the original."""
         attempt = clamp_attempt(policy, delivery.attempt)
-        decision = decide(policy, attempt, failure)
         if isinstance(decision, Retry):
             message = retry_message(delivery, self.queue, failure, decision.delay, attempt)
             target, operation = retry_queue_name(self.queue, decision.delay), "retry"
@@ -52,7 +64,6 @@ class Settlement:
             target, operation = self.parking_queue, "park"
         await self._publish(message, target, operation)
         await self._channel.ack(delivery.delivery_tag)
-        return decision
 
     async def _publish(self, message: OutgoingMessage, target: str, operation: str) -> None:
         """Publish with confirm; nacks (a quorum queue between leaders) are retried a while."""

@@ -30,9 +30,9 @@ from brokerjobs.settings import Settings
 
 log = logging.getLogger("brokerjobs.status")
 
-State = Literal["waiting", "active", "retrying", "completed", "parked"]
+State = Literal["waiting", "active", "retried", "completed", "parked"]
 FINAL_STATES = frozenset({"completed", "parked"})
-_RANK = {"waiting": 0, "active": 1, "retrying": 2, "completed": 3, "parked": 3}
+_RANK = {"waiting": 0, "active": 1, "retried": 2, "completed": 3, "parked": 3}
 
 
 class JobStatus(BaseModel):
@@ -121,7 +121,7 @@ class StatusEmitter:
 
 
 class StatusReporter:
-    """Status events of one delivery: active (with progress), then completed/retrying/parked."""
+    """Status events of one delivery: active (with progress), then completed/retried/parked."""
 
     def __init__(self, emitter: StatusEmitter, delivery: Delivery, job: str) -> None:
         self._emitter = emitter
@@ -148,7 +148,7 @@ class StatusReporter:
             jsonable = repr(result)
         await self._emitter.emit(self._final("completed", result=jsonable, progress=100.0))
 
-    async def failed(self, state: Literal["retrying", "parked"], error: str) -> None:
+    async def failed(self, state: Literal["retried", "parked"], error: str) -> None:
         await self._emitter.emit(self._final(state, error=error))
 
     def _final(self, state: str, **fields: object) -> JobStatus:

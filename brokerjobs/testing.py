@@ -17,11 +17,11 @@ takes no real time, and handlers take no virtual time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self, TypeVar, cast
+from typing import Any, ClassVar, Self, TypeVar, cast
 
 from pydantic import BaseModel, SecretStr
 
@@ -32,16 +32,15 @@ from brokerjobs.errors import ConfigError
 from brokerjobs.executors import Executors
 from brokerjobs.jobs import spec_of
 from brokerjobs.memory import MemoryChannel, _delivery, _Memory, _Queue
+from brokerjobs.middleware import JobRun, Middleware
+from brokerjobs.outcomes import Outcome
 from brokerjobs.parking import ParkedJob, replay_message
 from brokerjobs.publisher import Publisher
-from brokerjobs.retry import Decision, Failure, Retry, RetryPolicy
 from brokerjobs.settings import Settings, load_settings
-from brokerjobs.settlement import Settlement
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name
 
 J = TypeVar("J", bound=BaseModel)
-Action = Literal["completed", "retried", "parked"]
 # A run that keeps finding work after this many deliveries is a loop, not a test.
 MAX_DELIVERIES_PER_RUN = 100_000
 # Settings for the in-memory publisher point here: should it ever try to connect, it fails fast.
@@ -49,38 +48,44 @@ _OFFLINE_URL = "amqp://brokerjobs-testbroker.invalid/"
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class JobOutcome:
     """How one delivery was settled, in settling order."""
 
     queue: str
     job_name: str
     job_id: str
     attempt: int
-    action: Action
+    action: Outcome  # completed, retried or parked
     at: float  # virtual seconds since the broker started
     delivery: Delivery = field(repr=False, compare=False)
     retry_delay: float | None = None  # the tier a retried job waits in
     reason: str | None = None  # the failure (retried) or the park reason (parked)
 
 
-Record = Callable[[str, Delivery, Decision | None, Failure | None], None]
+class _Recorder(Middleware):
+    """Notes each settled delivery for the test's assertions (the pipeline's last word)."""
 
+    def __init__(self, broker: TestBroker) -> None:
+        self._broker = broker
 
-class _RecordingSettlement(Settlement):
-    """The real settlement, noting each outcome for the test's assertions."""
-
-    def __init__(self, channel: MemoryChannel, queue: str, telemetry: Telemetry, record: Record):
-        super().__init__(channel, queue, telemetry)
-        self._record = record
-
-    async def succeeded(self, delivery: Delivery) -> None:
-        await super().succeeded(delivery)
-        self._record(self.queue, delivery, None, None)
-
-    async def failed(self, delivery: Delivery, policy: RetryPolicy, failure: Failure) -> Decision:
-        decision = await super().failed(delivery, policy, failure)
-        self._record(self.queue, delivery, decision, failure)
-        return decision
+    async def after_settle(self, run: JobRun) -> None:
+        settled = run.settled
+        if settled is None or settled.outcome is Outcome.REQUEUED:
+            return
+        delivery = run.delivery
+        self._broker.outcomes.append(
+            JobOutcome(
+                run.queue,
+                delivery.job_name or delivery.routing_key,
+                delivery.message_id or "",
+                delivery.attempt,
+                settled.outcome,
+                self._broker.now,
+                delivery,
+                settled.retry_delay,
+                settled.reason,
+            )
+        )
 
 
 @dataclass(slots=True)
@@ -111,7 +116,7 @@ class TestBroker:
         self.settings = settings or load_settings()
         self.telemetry = telemetry or Telemetry()
         self.topology = app.topology()
-        self.outcomes: list[Outcome] = []
+        self.outcomes: list[JobOutcome] = []
         self._memory = _Memory(self.topology)
         self._channel = MemoryChannel(self._memory)
         offline = {"url": SecretStr(_OFFLINE_URL), "connect_timeout": 0.1}
@@ -130,9 +135,14 @@ class TestBroker:
 
     def _consumer(self, queue: str) -> _Consumer:
         channel = MemoryChannel(self._memory)
-        settlement = _RecordingSettlement(channel, queue, self.telemetry, self._record)
         consumer = build_consumer(
-            self.app, queue, channel, self.settings, self._executors, self.telemetry, settlement
+            self.app,
+            queue,
+            channel,
+            self.settings,
+            self._executors,
+            self.telemetry,
+            [_Recorder(self)],
         )
         prefetch = self.app.queues[queue].prefetch or self.settings.prefetch
         return _Consumer(self._memory.queues[queue], channel, prefetch, consumer)
@@ -270,30 +280,6 @@ class TestBroker:
                     "neither acked nor nacked after their handlers finished"
                 )
 
-    def _record(
-        self, queue: str, delivery: Delivery, decision: Decision | None, failure: Failure | None
-    ) -> None:
-        action: Action = "completed"
-        delay: float | None = None
-        reason: str | None = None
-        if isinstance(decision, Retry):
-            action, delay, reason = "retried", decision.delay, failure.reason if failure else None
-        elif decision is not None:
-            action, reason = "parked", decision.reason
-        self.outcomes.append(
-            Outcome(
-                queue,
-                delivery.job_name or delivery.routing_key,
-                delivery.message_id or "",
-                delivery.attempt,
-                action,
-                self._memory.now,
-                delivery,
-                delay,
-                reason,
-            )
-        )
-
     # -- looking inside ------------------------------------------------------------------------
 
     def completed(self, job_type: type[J], queue: str | None = None) -> list[J]:
@@ -337,4 +323,4 @@ class TestBroker:
         return parking_queue_name(planned.main)
 
 
-__all__ = ["MemoryChannel", "Outcome", "TestBroker"]
+__all__ = ["JobOutcome", "MemoryChannel", "Outcome", "TestBroker"]

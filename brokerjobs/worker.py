@@ -23,17 +23,17 @@ from brokerjobs.broker.base import Broker
 from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.consumer import QueueConsumer, build_consumer
-from brokerjobs.errors import BrokerJobsError, BrokerUnreachable, ConfigError, ConnectionLost
+from brokerjobs.errors import ConfigError, ConnectionLost
 from brokerjobs.executors import Executors
 from brokerjobs.health import HealthServer
+from brokerjobs.middleware import Pipeline
 from brokerjobs.provision import declare
+from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry
 
 log = logging.getLogger("brokerjobs.worker")
 
-RECONNECT_MIN_DELAY = 0.2
-RECONNECT_MAX_DELAY = 10.0
 QUEUE_PROBE_INTERVAL_S = 10.0
 # A session shorter than this did not prove the broker healthy: backoff keeps growing, and
 # this many such sessions in a row make the worker not ready (reconnecting in a loop).
@@ -97,16 +97,37 @@ class Worker:
             raise ConfigError(f"app {app.name!r} has no handlers: nothing to consume")
         self.topology = app.topology()
         self._stop = asyncio.Event()
-        self._session: _Session | None = None
+        self._sessions: SessionSupervisor[_Session] = SessionSupervisor(
+            self.broker, "worker", self._stop, log=log, stable_after=STABLE_SESSION_S
+        )
         self._executors = Executors(self.settings.sync_workers)
-        self.reconnects = 0
-        self.short_sessions = 0  # sessions in a row that ended within stable_session_s
-        self.stable_session_s = STABLE_SESSION_S
-        self._session_opened = 0.0
+        self._lifecycle = Pipeline(app.middleware)
+        self._announced = False
         self.health_port: int | None = None
         self._last_problems: list[str] = []
         self._settle_margin_s = self.settings.confirm_timeout + SETTLE_MARGIN_S
         self._stuck_after_s = self._longest_job_timeout() + self._settle_margin_s
+
+    @property
+    def _session(self) -> _Session | None:
+        return self._sessions.session
+
+    @property
+    def reconnects(self) -> int:
+        return self._sessions.reconnects
+
+    @property
+    def short_sessions(self) -> int:
+        """Sessions in a row that ended within ``stable_session_s``."""
+        return self._sessions.short_sessions
+
+    @property
+    def stable_session_s(self) -> float:
+        return self._sessions.stable_after
+
+    @stable_session_s.setter
+    def stable_session_s(self, seconds: float) -> None:
+        self._sessions.stable_after = seconds
 
     def _longest_job_timeout(self) -> float:
         timeouts = [
@@ -150,7 +171,7 @@ class Worker:
         if self.short_sessions < SHORT_SESSIONS_NOT_READY:
             return False
         return self._session is None or (
-            time.monotonic() - self._session_opened < self.stable_session_s
+            time.monotonic() - self._sessions.opened_at < self.stable_session_s
         )
 
     def _session_problems(self, session: _Session) -> list[str]:
@@ -203,7 +224,7 @@ class Worker:
             self.health_port = health.port
         probe = asyncio.create_task(self._probe_queues()) if self.telemetry.metering else None
         try:
-            await self._supervise()
+            await self._sessions.run(self)
         finally:
             if probe is not None:
                 probe.cancel()
@@ -227,91 +248,29 @@ class Worker:
                         await channel.close()
             await asyncio.sleep(QUEUE_PROBE_INTERVAL_S)
 
-    async def _supervise(self) -> None:
-        delay = RECONNECT_MIN_DELAY
-        started_once = False
-        while not self._stop.is_set():
-            try:
-                session = await self._open_session_unless_stopped()
-                if session is None:
-                    return
-                self._session = session
-            except BrokerUnreachable:
-                if not started_once:
-                    raise
-                log.warning("broker unreachable; retrying in %.1fs", delay)
-            except ConnectionLost as exc:
-                log.warning("session setup failed (%s); retrying in %.1fs", exc, delay)
-            else:
-                started_once = True
-                lived = await self._run_session(session)
-                if lived is None:
-                    return
-                if lived >= self.stable_session_s:  # only a lasting session resets the backoff
-                    delay, self.short_sessions = RECONNECT_MIN_DELAY, 0
-                else:
-                    self.short_sessions += 1
-                log.info("reconnecting in %.1fs", delay)
-            self._session = None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
-
-    async def _run_session(self, session: _Session) -> float | None:
-        """Consume until stop (drains, returns None) or the session breaks (its lifetime)."""
-        opened = self._session_opened = time.monotonic()
-        log.info("consuming %s", ", ".join(self.queues))
-        reason = await session.wait_lost(self._stop)
-        if reason is None:
-            await self._drain(session)
-            return None
-        lived = time.monotonic() - opened
-        log.warning("%s after %.1fs", reason, lived)
-        self.reconnects += 1
-        await self._abandon(session)
-        return lived
-
-    async def _open_session_unless_stopped(self) -> _Session | None:
-        """Open a session; None if stop() came first (even while the broker is down)."""
-        opening = asyncio.ensure_future(self._open_session())
-        stopping = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait((opening, stopping), return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if opening.done():
-            session = opening.result()
-            if not self._stop.is_set():
-                return session
-            await session.connection.close()
-            return None
-        opening.cancel()
-        with contextlib.suppress(BaseException):
-            await opening
-        return None
-
-    async def _open_session(self) -> _Session:
-        connection = await self.broker.connect("worker")
+    async def open(self, connection: Connection) -> _Session:
+        """A session: the topology declared and a consumer on every queue."""
         session = _Session(connection)
-        try:
-            self._check_priorities(connection.server_version)
-            await declare(connection, self.topology)
-            for queue in self.queues:
-                await self._start_consumer(session, queue)
-            obsolete_check.after_start(self, connection)
-        except BrokerJobsError:
-            await connection.close()
-            raise
-        except Exception as exc:
-            lost = connection.is_closed
-            await connection.close()
-            if lost:
-                # aiormq reports a connection dropped mid-RPC as RuntimeError or a bare
-                # Exception: it is an outage to retry, not a bug to crash on.
-                raise ConnectionResetError(f"connection lost during set-up: {exc!r}") from exc
-            raise
-        except BaseException:
-            await connection.close()
-            raise
+        self._check_priorities(connection.server_version)
+        await declare(connection, self.topology)
+        for queue in self.queues:
+            await self._start_consumer(session, queue)
+        obsolete_check.after_start(self, connection)
         return session
+
+    async def serve(self, session: _Session, stop: asyncio.Event) -> str | None:
+        log.info("consuming %s", ", ".join(self.queues))
+        if not self._announced:
+            self._announced = True
+            await self._lifecycle.worker_event("worker_started", self)
+        return await session.wait_lost(stop)
+
+    async def close(self, session: _Session, *, stopping: bool) -> None:
+        if stopping:
+            await self._lifecycle.worker_event("worker_stopping", self)
+            await self._drain(session)
+        else:
+            await self._abandon(session)
 
     def _check_priorities(self, version: tuple[int, ...]) -> None:
         """Refuse priorities the broker ignores outright; warn about ones it bends."""

@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 
 
 class Processing:
-    """What happened to one delivery (ack, retry, park, requeue), for spans and metrics."""
+    """What happened to one delivery (an ``Outcome`` value), for spans and metrics."""
 
     __slots__ = ("error_type", "outcome")
 
     def __init__(self) -> None:
-        self.outcome = "ack"
+        self.outcome = "completed"
         self.error_type: str | None = None
 
     def settled(self, outcome: str, error_type: str | None = None) -> None:
@@ -99,6 +99,11 @@ class Telemetry:
         if self._impl is None:
             return _UNTRACED
         return self._impl.processing(delivery, queue)
+
+    def record_slow(self, job: str, queue: str) -> None:
+        """Count a job still running past its slow-job threshold."""
+        if self._impl is not None and self.metering:
+            self._impl.record_slow(job, queue)
 
     def record_queue(self, queue: str, role: str, messages: int, consumers: int) -> None:
         """Feed the queue depth and consumer gauges."""

@@ -85,6 +85,7 @@ class OtelTelemetry:
         self._retried = meter.create_counter("brokerjobs.jobs.retried", "{job}")
         self._parked = meter.create_counter("brokerjobs.jobs.parked", "{job}")
         self._replayed = meter.create_counter("brokerjobs.jobs.replayed", "{job}")
+        self._slow = meter.create_counter("brokerjobs.jobs.slow", "{job}")
 
     # -- sending (publish, retry, park, replay) ----------------------------------------------
 
@@ -167,9 +168,12 @@ class OtelTelemetry:
         self._consumed[(queue, record.outcome, record.error_type)] += 1
         attributes = _metric_attributes(queue, "process", record.error_type)
         self._process_duration.record(duration, attributes)
-        if record.outcome in ("retry", "park"):
-            counter = self._retried if record.outcome == "retry" else self._parked
+        if record.outcome in ("retried", "parked"):
+            counter = self._retried if record.outcome == "retried" else self._parked
             counter.add(1, {A_JOB: job, A_QUEUE: queue})
+
+    def record_slow(self, job: str, queue: str) -> None:
+        self._slow.add(1, {A_JOB: job, A_QUEUE: queue})
 
     # -- queue depth gauges (fed by the worker's periodic probe) -----------------------------
 

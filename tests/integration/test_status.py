@@ -80,12 +80,12 @@ async def test_progress_and_the_final_result_are_visible_through_the_tracker(bro
     assert final.result == {"url": "https://cdn.example/cat.mp4"}
     states = [(s.state, s.attempt, s.progress) for s in store.history]
     assert states[0] == ("waiting", 1, None)
-    assert ("retrying", 1, None) in states
+    assert ("retried", 1, None) in states
     assert states[-4:] == [
         ("active", 2, 25.0),
         ("active", 2, 50.0),
         ("active", 2, 75.0),
         ("completed", 2, 100.0),
     ]
-    retrying = next(s for s in store.history if s.state == "retrying")
+    retrying = next(s for s in store.history if s.state == "retried")
     assert retrying.error == "OSError: disk full"

@@ -103,7 +103,11 @@ async def test_spans_and_metrics_follow_one_job_across_retry_park_and_replay(bro
         f"{app.exchange}:shipment.book:{queue}"
     )
     assert [p.attributes["brokerjobs.job.attempt"] for p in processes] == [1, 2, 1]
-    assert [p.attributes["brokerjobs.outcome"] for p in processes] == ["retry", "park", "ack"]
+    assert [p.attributes["brokerjobs.outcome"] for p in processes] == [
+        "retried",
+        "parked",
+        "completed",
+    ]
     assert first.attributes["error.type"] == "builtins.TimeoutError"
     assert "messaging.rabbitmq.message.delivery_tag" in first.attributes
 
@@ -120,7 +124,7 @@ async def test_spans_and_metrics_follow_one_job_across_retry_park_and_replay(bro
     points = metric_points(reader)
     assert total(points, "messaging.client.sent.messages") == 4
     assert total(points, "messaging.client.consumed.messages") == 3
-    assert total(points, "messaging.client.consumed.messages", **{"brokerjobs.outcome": "ack"}) == 1
+    assert total(points, "messaging.client.consumed.messages", **{"brokerjobs.outcome": "completed"}) == 1
     assert total(points, "brokerjobs.jobs.retried", **{"brokerjobs.job.name": "shipment.book"}) == 1
     assert total(points, "brokerjobs.jobs.parked") == 1
     assert total(points, "brokerjobs.jobs.replayed") == 1

@@ -38,7 +38,7 @@ def test_two_telemetry_objects_on_one_meter_provider_add_up() -> None:
     for telemetry, count in ((first, 3), (second, 5)):
         for tag in range(count):
             with telemetry.processing(delivery(tag), "shop.emails") as record:
-                record.settled("ack")
+                record.settled("completed")
         message = OutgoingMessage(b"{}", f"m{count}", "email.send", priority=0, headers={})
         with telemetry.sending(message, "shop", "email.send"):
             pass
@@ -59,6 +59,6 @@ def test_separate_meter_providers_keep_separate_counts() -> None:
     telemetries = [Telemetry(TracerProvider(), MeterProvider(metric_readers=[r])) for r in readers]
     for tag in range(2):
         with telemetries[0].processing(delivery(tag), "q") as record:
-            record.settled("ack")
+            record.settled("completed")
     assert totals(readers[0])["messaging.client.consumed.messages"] == 2
     assert "messaging.client.consumed.messages" not in totals(readers[1])

@@ -1,0 +1,186 @@
+"""The delivery pipeline: ordered middleware around each delivery and each publish.
+
+A middleware subclasses ``Middleware`` and overrides the hooks it needs; every hook is optional.
+For one delivery the worker calls, in this order (each hook on every middleware, in the order
+they were added):
+
+1. ``received(run)``: the delivery arrived (``run.job`` is still None).
+2. ``decoded(run)``: the body is a valid job of a known type (``run.job``, ``run.job_name``).
+3. ``before_handler(run)``: just before the handler runs (``run.context`` is set).
+4. ``after_success(run)`` (``run.result``) or ``after_failure(run)`` (``run.failure`` and
+   ``run.decision``: the retry or park that settlement is about to carry out).
+5. ``after_settle(run)``: the delivery is settled (``run.settled``): always called once,
+   also for undecodable messages (no step 2-4), requeues on shutdown and unexpected errors.
+
+A worker calls ``worker_started(worker)`` once consuming began and ``worker_stopping(worker)``
+when it drains. A publisher calls ``before_publish(message, exchange, routing_key)`` for every
+message it sends (it may add headers). An exception in a hook is logged and never changes how
+the delivery settles: the pipeline observes and decorates, settlement decides.
+
+Hooks the subclass does not override are never called: with no middleware (or none that
+overrides a point) that point costs one empty-tuple check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from brokerjobs.envelope import Delivery, OutgoingMessage
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from brokerjobs.context import JobContext
+    from brokerjobs.outcomes import Settled
+    from brokerjobs.retry import Decision, Failure
+
+log = logging.getLogger("brokerjobs.middleware")
+
+
+class JobRun:
+    """One delivery as it passes the pipeline: what every hook sees, filled in as it goes."""
+
+    __slots__ = (
+        "context",
+        "decision",
+        "delivery",
+        "failure",
+        "job",
+        "job_name",
+        "queue",
+        "result",
+        "settled",
+        "started_at",
+        "state",
+    )
+
+    def __init__(self, delivery: Delivery, queue: str) -> None:
+        self.delivery = delivery
+        self.queue = queue
+        self.job_name: str = delivery.original_job_name
+        self.started_at = time.monotonic()
+        self.job: BaseModel | None = None
+        self.context: JobContext | None = None
+        self.result: object = None
+        self.failure: Failure | None = None
+        self.decision: Decision | None = None
+        self.settled: Settled | None = None
+        # Per-delivery scratch space for middleware, keyed by the middleware itself.
+        self.state: dict[object, Any] = {}
+
+    @property
+    def job_id(self) -> str:
+        return self.delivery.message_id or f"delivery-{self.delivery.delivery_tag}"
+
+    @property
+    def attempt(self) -> int:
+        return self.context.attempt if self.context is not None else self.delivery.attempt
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the delivery arrived."""
+        return time.monotonic() - self.started_at
+
+
+class Middleware:
+    """Base class of every middleware: override the hooks you need (see the module doc)."""
+
+    async def worker_started(self, worker: Any) -> None:
+        """The worker consumes its queues (called once, after the first session opened)."""
+
+    async def worker_stopping(self, worker: Any) -> None:
+        """The worker was asked to stop and starts draining."""
+
+    async def received(self, run: JobRun) -> None:
+        """A delivery arrived; nothing is decoded yet."""
+
+    async def decoded(self, run: JobRun) -> None:
+        """The body is a valid job of a type this queue handles."""
+
+    async def before_handler(self, run: JobRun) -> None:
+        """The handler is about to run."""
+
+    async def after_success(self, run: JobRun) -> None:
+        """The handler returned ``run.result``; the ack follows."""
+
+    async def after_failure(self, run: JobRun) -> None:
+        """The handler failed (``run.failure``); ``run.decision`` (retry or park) follows."""
+
+    async def after_settle(self, run: JobRun) -> None:
+        """The delivery is settled: ``run.settled`` says how."""
+
+    def before_publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
+        """A publisher is about to send ``message`` (headers may be added here)."""
+
+
+_DELIVERY_POINTS = (
+    "received",
+    "decoded",
+    "before_handler",
+    "after_success",
+    "after_failure",
+    "after_settle",
+)
+Hook = Callable[[JobRun], Any]
+
+
+def _overrides(middleware: Middleware, point: str) -> bool:
+    return getattr(type(middleware), point) is not getattr(Middleware, point)
+
+
+class Pipeline:
+    """The middleware of one worker or publisher, resolved per point once."""
+
+    def __init__(self, middleware: Iterable[Middleware] = ()) -> None:
+        self.middleware: tuple[Middleware, ...] = tuple(middleware)
+        for m in self.middleware:
+            if not isinstance(m, Middleware):
+                raise TypeError(f"{m!r} is not a brokerjobs.Middleware")
+        self._hooks: dict[str, tuple[Hook, ...]] = {
+            point: tuple(getattr(m, point) for m in self.middleware if _overrides(m, point))
+            for point in (*_DELIVERY_POINTS, "worker_started", "worker_stopping")
+        }
+        self.received = self._hooks["received"]
+        self.decoded = self._hooks["decoded"]
+        self.before_handler = self._hooks["before_handler"]
+        self.after_success = self._hooks["after_success"]
+        self.after_failure = self._hooks["after_failure"]
+        self.after_settle = self._hooks["after_settle"]
+        self.publishing: tuple[Callable[[OutgoingMessage, str, str], None], ...] = tuple(
+            m.before_publish for m in self.middleware if _overrides(m, "before_publish")
+        )
+        # Whether any delivery hook exists: without one the consumer builds no JobRun.
+        self.watches_deliveries = any(self._hooks[p] for p in _DELIVERY_POINTS)
+
+    def __add__(self, other: Sequence[Middleware]) -> Pipeline:
+        return Pipeline((*self.middleware, *other))
+
+    async def run(self, hooks: tuple[Hook, ...], run: JobRun) -> None:
+        """Call ``hooks`` in order; one that raises is logged and the others still run."""
+        for hook in hooks:
+            try:
+                await hook(run)
+            except Exception:
+                log.exception("middleware %s failed on job %s", _name(hook), run.job_id)
+
+    async def worker_event(self, point: str, worker: Any) -> None:
+        for hook in self._hooks[point]:
+            try:
+                await hook(worker)
+            except Exception:
+                log.exception("middleware %s failed", _name(hook))
+
+    def before_publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
+        for hook in self.publishing:
+            hook(message, exchange, routing_key)
+
+
+def _name(hook: Callable[..., Any]) -> str:
+    owner = getattr(hook, "__self__", None)
+    return f"{type(owner).__name__}.{hook.__name__}" if owner is not None else repr(hook)
+
+
+EMPTY = Pipeline()

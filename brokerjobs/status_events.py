@@ -1,0 +1,45 @@
+"""Status events as middleware: active (with progress) before the handler, the outcome after."""
+
+from __future__ import annotations
+
+from brokerjobs.broker.base import MessageChannel
+from brokerjobs.middleware import JobRun, Middleware
+from brokerjobs.outcomes import Outcome
+from brokerjobs.status import StatusEmitter, StatusReporter
+
+
+class StatusEvents(Middleware):
+    """Publishes each job's states to ``<exchange>.status`` on the consumer's channel."""
+
+    def __init__(self, channel: MessageChannel, exchange: str) -> None:
+        self._emitter = StatusEmitter(channel, exchange)
+
+    async def before_handler(self, run: JobRun) -> None:
+        reporter = self._emitter.reporter(run.delivery, run.job_name)
+        run.state[self] = (reporter, reporter.started())
+
+    async def after_success(self, run: JobRun) -> None:
+        self._unbind(run)
+
+    async def after_failure(self, run: JobRun) -> None:
+        self._unbind(run)
+
+    def _unbind(self, run: JobRun) -> None:
+        reporter, token = run.state[self]
+        if token is not None:
+            reporter.unbind_progress(token)
+            run.state[self] = (reporter, None)
+
+    async def after_settle(self, run: JobRun) -> None:
+        held: tuple[StatusReporter, object] | None = run.state.get(self)
+        settled = run.settled
+        if held is None or settled is None:
+            return  # never reached the handler (undecodable): no job to report on
+        self._unbind(run)
+        reporter = held[0]
+        if settled.outcome is Outcome.COMPLETED:
+            await reporter.completed(run.result)
+        elif settled.outcome is Outcome.RETRIED:
+            await reporter.failed("retried", settled.reason or "")
+        elif settled.outcome is Outcome.PARKED:
+            await reporter.failed("parked", settled.reason or "")
