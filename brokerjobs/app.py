@@ -244,7 +244,7 @@ class App:
         ]
 
     def topology(self) -> TopologyPlan:
-        topology = plan(
+        return plan(
             self.exchange,
             (
                 (
@@ -255,11 +255,9 @@ class App:
             ),
             delay_levels=self.delay_levels,
             delay_kind=self.queue_kind,
+            status=self.track_status,
+            scheduler=self.queue_kind if self.schedules else None,
         )
-        if not self.track_status:
-            return topology
-        status_exchange = f"{self.exchange}.status"
-        return replace(topology, exchanges=(*topology.exchanges, status_exchange))
 
     def schedule(
         self,

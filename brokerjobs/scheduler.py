@@ -23,7 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from brokerjobs.broker import default_broker
 from brokerjobs.broker.base import Broker
@@ -31,7 +31,6 @@ from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, encode
 from brokerjobs.errors import (
-    BrokerUnreachable,
     ConfigError,
     ConnectionLost,
     PublishError,
@@ -62,7 +61,9 @@ from brokerjobs.schedule import (
     plan_ticks,
     tick_job_id,
 )
+from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings, load_settings
+from brokerjobs.topology import scheduler_queue_arguments, scheduler_queue_name
 
 if TYPE_CHECKING:
     from brokerjobs.app import App
@@ -73,7 +74,6 @@ SCHEDULED_FOR = "bj-scheduled-for"
 SCHEDULE = "bj-schedule"
 TOKEN_PREFETCH = 10
 REFRESH_INTERVAL_S = 60.0
-RECONNECT_MAX_DELAY = 10.0
 # A failed publish or ack may have lost the token: reconnect, and whoever leads next retries.
 SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost)
 
@@ -82,15 +82,7 @@ SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost)
 
 
 def scheduler_queue(app: App) -> str:
-    return f"{app.exchange}.scheduler"
-
-
-def scheduler_queue_arguments(app: App) -> dict[str, Any]:
-    arguments: dict[str, Any] = {"x-single-active-consumer": True}
-    if app.queue_kind == "quorum":
-        # A requeued token counts as a delivery; 4.x drops it past the limit (default 20).
-        arguments.update({"x-queue-type": "quorum", "x-delivery-limit": 1_000_000})
-    return arguments
+    return scheduler_queue_name(app.exchange)
 
 
 # -- the scheduler ---------------------------------------------------------------------------
@@ -208,9 +200,18 @@ class Scheduler:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._session: _Session | None = None
+        self._sessions: SessionSupervisor[_Session] = SessionSupervisor(
+            self.broker, "scheduler", self._stop, log=log, retry_on=_SETUP_ERRORS
+        )
         self.published = 0  # jobs this instance published
-        self.reconnects = 0
+
+    @property
+    def _session(self) -> _Session | None:
+        return self._sessions.session
+
+    @property
+    def reconnects(self) -> int:
+        return self._sessions.reconnects
 
     @property
     def is_leader(self) -> bool:
@@ -234,54 +235,32 @@ class Scheduler:
 
     async def run(self) -> None:
         """Lead or stand by until ``stop()``; reconnects after failures, with backoff."""
-        delay, started = 0.2, False
-        while not self._stop.is_set():
-            try:
-                session = await self._open_session()
-            except BrokerUnreachable:
-                if not started:
-                    raise
-                log.warning("broker unreachable; retrying in %.1fs", delay)
-            except _SETUP_ERRORS as exc:
-                # PublishNacked: RabbitMQ 4.0 may nack the first token of a quorum queue that
-                # two instances declared at the same moment; the next session sees the token.
-                log.warning("scheduler setup failed (%s); retrying in %.1fs", exc, delay)
-            else:
-                started, delay = True, 0.2
-                self._session = session
-                try:
-                    reason = await self._serve(session)
-                finally:
-                    self._session = None
-                    # Closing requeues a held token: the next instance leads at once. The channel
-                    # first: acks are sent without waiting, and closing the connection at once
-                    # may drop them; the channel's close-ok proves the broker has them.
-                    await session.channel.close()
-                    await session.connection.close()
-                if reason is None:
-                    break
-                log.warning("%s; reconnecting", reason)
-                self.reconnects += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        # PublishNacked at set-up: RabbitMQ 4.0 may nack the first token of a quorum queue that
+        # two instances declared at the same moment; the next session sees the token.
+        await self._sessions.run(self)
         log.info("scheduler stopped")
 
-    async def _open_session(self) -> _Session:
-        connection = await self.broker.connect("scheduler")
-        try:
-            await declare(connection, self.app.topology())
-            channel = await connection.channel(confirms=True, prefetch=TOKEN_PREFETCH)
-            state = await channel.declare_queue(self.queue, scheduler_queue_arguments(self.app))
-            session = _Session(connection, channel, self.queue, self._wake)
-            if state.messages == 0 and state.consumers == 0:
-                # No token and no instance that could hold one: create it. Instances starting
-                # at the same moment may both do so; the leader merges and drops the twin.
-                await session.publish_token({}, uuid.uuid4().hex)
-            await channel.consume(self.queue, session.on_delivery)
-        except BaseException:
-            await connection.close()
-            raise
+    async def serve_session(self, session: _Session, stop: asyncio.Event) -> str | None:
+        return await self._serve(session)
+
+    async def close_session(self, session: _Session, *, stopping: bool) -> None:
+        # Closing requeues a held token: the next instance leads at once. The channel first:
+        # acks are sent without waiting, and closing the connection at once may drop them; the
+        # channel's close-ok proves the broker has them.
+        await session.channel.close()
+        await session.connection.close()
+
+    async def open_session(self, connection: Connection) -> _Session:
+        """Declare the plan (the scheduler queue included) and consume the token queue."""
+        await declare(connection, self.app.topology())
+        channel = await connection.channel(confirms=True, prefetch=TOKEN_PREFETCH)
+        state = await channel.inspect_queue(self.queue)
+        session = _Session(connection, channel, self.queue, self._wake)
+        if state.messages == 0 and state.consumers == 0:
+            # No token and no instance that could hold one: create it. Instances starting
+            # at the same moment may both do so; the leader merges and drops the twin.
+            await session.publish_token({}, uuid.uuid4().hex)
+        await channel.consume(self.queue, session.on_delivery)
         log.info("scheduler standing by on %s", self.queue, extra={"action": "standby"})
         return session
 
@@ -402,7 +381,6 @@ __all__ = [
     "EPOCH",
     "MAX_CATCH_UP",
     "MIN_INTERVAL",
-    "RECONNECT_MAX_DELAY",
     "REFRESH_INTERVAL_S",
     "SCHEDULE",
     "SCHEDULED_FOR",

@@ -27,13 +27,13 @@ STABLE_AFTER_S = 30.0
 class SessionOwner(Protocol[S]):
     """What a component does with each session the supervisor opens."""
 
-    async def open(self, connection: BrokerConnection) -> S:
+    async def open_session(self, connection: BrokerConnection) -> S:
         """Set up on a fresh connection (declare, consume); raise to give up on it."""
 
-    async def serve(self, session: S, stop: asyncio.Event) -> str | None:
+    async def serve_session(self, session: S, stop: asyncio.Event) -> str | None:
         """Run until ``stop`` is set (return None) or the session breaks (return why)."""
 
-    async def close(self, session: S, *, stopping: bool) -> None:
+    async def close_session(self, session: S, *, stopping: bool) -> None:
         """Drain (``stopping``) or abandon (broken) the session and close its connection."""
 
 
@@ -95,12 +95,12 @@ class SessionSupervisor(Generic[S]):
         """Serve one session; None after a stop, else how long it lived."""
         self.session, self.opened_at = session, time.monotonic()
         try:
-            reason = await owner.serve(session, self._stop)
+            reason = await owner.serve_session(session, self._stop)
             lived = time.monotonic() - self.opened_at
             if reason is not None:
                 self._log.warning("%s after %.1fs", reason, lived)
                 self.reconnects += 1
-            await owner.close(session, stopping=reason is None)
+            await owner.close_session(session, stopping=reason is None)
         finally:
             self.session = None
         return None if reason is None else lived
@@ -115,7 +115,7 @@ class SessionSupervisor(Generic[S]):
             session = opening.result()
             if not self._stop.is_set():
                 return session
-            await owner.close(session, stopping=True)
+            await owner.close_session(session, stopping=True)
             return None
         opening.cancel()
         with contextlib.suppress(BaseException):
@@ -125,7 +125,7 @@ class SessionSupervisor(Generic[S]):
     async def _open(self, owner: SessionOwner[S]) -> S:
         connection = await self._broker.connect(self._role)
         try:
-            return await owner.open(connection)
+            return await owner.open_session(connection)
         except BaseException:
             await connection.close()
             raise

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -23,10 +24,13 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from brokerjobs.broker import default_broker
 from brokerjobs.broker.base import Broker, MessageChannel
+from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int, new_job_id
 from brokerjobs.errors import ConnectionLost, UnroutableJob
+from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings
+from brokerjobs.topology import status_exchange_name
 
 log = logging.getLogger("brokerjobs.status")
 
@@ -55,10 +59,6 @@ class JobStatus(BaseModel):
         """Events can arrive out of order: later replays, attempts and states win."""
         mine = (self.replays, self.attempt, _RANK[self.state], self.at)
         return mine >= (other.replays, other.attempt, _RANK[other.state], other.at)
-
-
-def status_exchange_name(exchange: str) -> str:
-    return f"{exchange}.status"
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -183,6 +183,12 @@ class MemoryStatusStore:
         return self._statuses.get(job_id)
 
 
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    connection: Connection
+    channel: Channel
+
+
 class StatusTracker:
     """Follows the status events of an app's jobs into a store; awaits completions.
 
@@ -205,9 +211,12 @@ class StatusTracker:
         self.exchange = exchange
         self.store: StatusStore = store or MemoryStatusStore()
         self._patterns = patterns
-        self._connection: Connection | None = None
         self._changed = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._sessions: SessionSupervisor[_Subscription] = SessionSupervisor(
+            self.broker, "status-tracker", self._stop, log=log
+        )
+        self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
     async def __aenter__(self) -> StatusTracker:
@@ -218,21 +227,23 @@ class StatusTracker:
         await self.close()
 
     async def start(self) -> None:
-        await self._subscribe()
-        self._supervisor = asyncio.create_task(self._resubscribe_on_loss())
+        """Subscribe; returns once subscribed (raises what the first connect raised)."""
+        self._stop.clear()
+        self._task = asyncio.create_task(self._sessions.run(self))
+        subscribed = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait((self._task, subscribed), return_when=asyncio.FIRST_COMPLETED)
+        subscribed.cancel()
+        if self._task.done():
+            self._task.result()
 
     async def close(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        if self._connection is not None:
-            await self._connection.close()
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
 
-    async def _subscribe(self) -> None:
-        self.ready.clear()
-        self._connection = await self.broker.connect("status-tracker")
-        channel = await self._connection.channel(confirms=False, prefetch=1000)
+    async def open_session(self, connection: Connection) -> _Subscription:
+        channel = await connection.channel(confirms=False, prefetch=1000)
         exchange = status_exchange_name(self.exchange)
         await channel.declare_exchange(exchange, "topic")
         queue = await channel.declare_private_queue()
@@ -240,19 +251,22 @@ class StatusTracker:
             await channel.bind(queue, exchange, pattern)
         await channel.consume(queue, self._on_event, no_ack=True)
         self.ready.set()
+        return _Subscription(connection, channel)
 
-    async def _resubscribe_on_loss(self) -> None:
-        while True:
-            assert self._connection is not None
-            await asyncio.shield(self._connection.lost)
-            log.warning("status tracker lost its connection; resubscribing")
-            while True:
-                try:
-                    await self._subscribe()
-                    break
-                except Exception as exc:
-                    log.warning("status tracker resubscribe failed: %s", exc)
-                    await asyncio.sleep(1)
+    async def serve_session(self, session: _Subscription, stop: asyncio.Event) -> str | None:
+        stopping = asyncio.ensure_future(stop.wait())
+        watched: set[asyncio.Future[Any]] = {
+            stopping,
+            session.connection.lost,
+            session.channel.closing,
+        }
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        return None if stop.is_set() else "status tracker lost its subscription; resubscribing"
+
+    async def close_session(self, session: _Subscription, *, stopping: bool) -> None:
+        self.ready.clear()
+        await session.connection.close()
 
     async def _on_event(self, delivery: Any) -> None:
         try:

@@ -24,7 +24,7 @@ from brokerjobs.errors import ConfigError
 from brokerjobs.retry import tier_label
 
 QueueKind = Literal["classic", "quorum"]
-QueueRole = Literal["main", "retry", "parking", "delay"]
+QueueRole = Literal["main", "retry", "parking", "delay", "scheduler"]
 DEFAULT_EXCHANGE = ""
 _PATTERN_WORD = re.compile(r"^([A-Za-z0-9_-]+|\*|#)$")
 
@@ -119,6 +119,24 @@ class TopologyPlan:
         return "\n".join(lines)
 
 
+def status_exchange_name(exchange: str) -> str:
+    """Where a worker of an app with ``track_status`` publishes job states."""
+    return f"{exchange}.status"
+
+
+def scheduler_queue_name(exchange: str) -> str:
+    """The queue holding the scheduler's token (its state; one consumer leads)."""
+    return f"{exchange}.scheduler"
+
+
+def scheduler_queue_arguments(kind: QueueKind) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-single-active-consumer": True}
+    if kind == "quorum":
+        # A requeued token counts as a delivery; 4.x drops it past the limit (default 20).
+        arguments.update({"x-queue-type": "quorum", "x-delivery-limit": 1_000_000})
+    return arguments
+
+
 def retry_queue_name(main: str, delay: float) -> str:
     return f"{main}.retry.{tier_label(delay)}"
 
@@ -149,9 +167,12 @@ def plan(
     *,
     delay_levels: int = 0,
     delay_kind: QueueKind = "classic",
+    status: bool = False,
+    scheduler: QueueKind | None = None,
 ) -> TopologyPlan:
     """Plan every queue: main, its retry tiers (one per distinct delay) and its parking queue,
-    plus the delay levels for delayed publishing when ``delay_levels`` > 0."""
+    plus the delay levels for delayed publishing when ``delay_levels`` > 0, the status exchange
+    with ``status``, and the scheduler's token queue (of kind ``scheduler``) when given."""
     planned: list[QueuePlan] = []
     specs: list[QueueSpec] = []
     for spec, delays in queues:
@@ -176,6 +197,11 @@ def plan(
     if delay_levels:
         exchanges, delay_queues, bindings = _plan_delays(exchange, delay_levels, delay_kind, specs)
         planned.extend(delay_queues)
+    if status:
+        exchanges.append(status_exchange_name(exchange))
+    if scheduler is not None:
+        name = scheduler_queue_name(exchange)
+        planned.append(QueuePlan(name, "scheduler", "", scheduler_queue_arguments(scheduler)))
     names = [q.name for q in planned]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -248,7 +248,7 @@ class Worker:
                         await channel.close()
             await asyncio.sleep(QUEUE_PROBE_INTERVAL_S)
 
-    async def open(self, connection: Connection) -> _Session:
+    async def open_session(self, connection: Connection) -> _Session:
         """A session: the topology declared and a consumer on every queue."""
         session = _Session(connection)
         self._check_priorities(connection.server_version)
@@ -258,14 +258,14 @@ class Worker:
         obsolete_check.after_start(self, connection)
         return session
 
-    async def serve(self, session: _Session, stop: asyncio.Event) -> str | None:
+    async def serve_session(self, session: _Session, stop: asyncio.Event) -> str | None:
         log.info("consuming %s", ", ".join(self.queues))
         if not self._announced:
             self._announced = True
             await self._lifecycle.worker_event("worker_started", self)
         return await session.wait_lost(stop)
 
-    async def close(self, session: _Session, *, stopping: bool) -> None:
+    async def close_session(self, session: _Session, *, stopping: bool) -> None:
         if stopping:
             await self._lifecycle.worker_event("worker_stopping", self)
             await self._drain(session)
