@@ -2,38 +2,70 @@
 
 from brokerjobs.app import App
 from brokerjobs.context import JobContext, current_job
+from brokerjobs.envelope import new_job_id
 from brokerjobs.errors import (
     BrokerJobsError,
     BrokerUnreachable,
     ConfigError,
+    ConnectionLost,
     PublishError,
+    TopologyError,
     TopologyMismatch,
     UnroutableJob,
 )
-from brokerjobs.jobs import job
+from brokerjobs.jobs import JobSpec, job
+from brokerjobs.jobs import spec_of as job_spec
+from brokerjobs.middleware import JobRun, Middleware
+from brokerjobs.outcomes import Outcome, Settled
+from brokerjobs.parking import ParkingLot
+from brokerjobs.provision import declare_topology
 from brokerjobs.publisher import Publisher
-from brokerjobs.retry import RetryPolicy
-from brokerjobs.settings import Settings
+from brokerjobs.retry import Park, Retry, RetryPolicy
+from brokerjobs.scheduler import Scheduler
+from brokerjobs.settings import Settings, load_settings
 from brokerjobs.signals import PermanentFailure, RetryLater
+from brokerjobs.slow_jobs import SlowJob
+from brokerjobs.status import JobStatus, StatusStore, StatusTracker, report_progress
 from brokerjobs.worker import Worker
 
 __version__ = "0.1.0"  # kept equal to pyproject.toml's by a test
 
+# The public API, pinned by tests/unit/test_public_api.py: a name removed here breaks users.
 __all__ = [
     "App",
     "BrokerJobsError",
     "BrokerUnreachable",
     "ConfigError",
+    "ConnectionLost",
     "JobContext",
+    "JobRun",
+    "JobSpec",
+    "JobStatus",
+    "Middleware",
+    "Outcome",
+    "Park",
+    "ParkingLot",
     "PermanentFailure",
     "PublishError",
     "Publisher",
+    "Retry",
     "RetryLater",
     "RetryPolicy",
+    "Scheduler",
     "Settings",
+    "Settled",
+    "SlowJob",
+    "StatusStore",
+    "StatusTracker",
+    "TopologyError",
     "TopologyMismatch",
     "UnroutableJob",
     "Worker",
     "current_job",
+    "declare_topology",
     "job",
+    "job_spec",
+    "load_settings",
+    "new_job_id",
+    "report_progress",
 ]

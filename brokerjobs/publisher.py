@@ -23,6 +23,7 @@ from brokerjobs.errors import (
     PublishInterrupted,
     PublishNacked,
 )
+from brokerjobs.middleware import Middleware, Pipeline
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import delay_route
@@ -52,9 +53,11 @@ class Publisher:
         delay_levels: int = 0,
         channel: MessageChannel | None = None,
         broker: Broker | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         """``broker`` defaults to RabbitMQ at ``settings.url``; ``channel`` replaces the
-        connection altogether (one already open, as the worker's settlement uses)."""
+        connection altogether (one already open, as the worker's settlement uses).
+        ``middleware``: their ``before_publish`` hooks see every message before it is sent."""
         self.settings = settings or load_settings()
         self.broker = broker or default_broker(self.settings)
         self.telemetry = telemetry or Telemetry()
@@ -64,13 +67,22 @@ class Publisher:
         self._connection: BrokerConnection | None = None
         self._channel: BrokerChannel | None = None
         self._given_channel = channel
+        self._pipeline = Pipeline(middleware)
         self._lock = asyncio.Lock()
         self._closed = False  # close() was called: interrupted publishes must not reconnect
 
     @classmethod
-    def for_app(cls, app: App, settings: Settings | None = None) -> Publisher:
-        """A publisher for ``app``'s exchange and delay levels."""
-        return cls(settings, exchange=app.exchange, delay_levels=app.delay_levels)
+    def for_app(
+        cls, app: App, settings: Settings | None = None, *, broker: Broker | None = None
+    ) -> Publisher:
+        """A publisher for ``app``'s exchange, delay levels and middleware."""
+        return cls(
+            settings,
+            exchange=app.exchange,
+            delay_levels=app.delay_levels,
+            broker=broker,
+            middleware=app.middleware,
+        )
 
     async def __aenter__(self) -> Self:
         self._closed = False
@@ -119,9 +131,17 @@ class Publisher:
         return [message.message_id for message, _, _ in routed]
 
     def _route(self, message: OutgoingMessage, delay: float | timedelta | None) -> Routed:
+        exchange, routing_key = self._destination(message, delay)
+        if self._pipeline.publishing:
+            self._pipeline.before_publish(message, exchange, routing_key)
+        return message, exchange, routing_key
+
+    def _destination(
+        self, message: OutgoingMessage, delay: float | timedelta | None
+    ) -> tuple[str, str]:
         name = message.job_name or ""
         if delay is None:
-            return message, self.exchange, name
+            return self.exchange, name
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
         if not self.delay_levels:
             raise ConfigError(
@@ -130,7 +150,7 @@ class Publisher:
             )
         exchange, routing_key = delay_route(self.exchange, self.delay_levels, seconds, name)
         message.headers[ORIGIN_ROUTING_KEY] = name
-        return message, exchange, routing_key
+        return exchange, routing_key
 
     async def _publish_all(self, routed: Sequence[Routed]) -> None:
         """Publish until every message is confirmed; retry only nacked or interrupted ones."""

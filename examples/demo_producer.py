@@ -7,8 +7,7 @@ import asyncio
 import collections
 import logging
 
-from brokerjobs import Publisher, Settings
-from brokerjobs.status import StatusTracker
+from brokerjobs import Publisher, Settings, StatusTracker
 from examples.demo import MakeThumbnail, SendEmail, app
 
 log = logging.getLogger("demo.producer")

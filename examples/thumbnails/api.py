@@ -16,20 +16,25 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from brokerjobs import App, Publisher, PublishError, Settings
-from brokerjobs.broker.amqp import connect
-from brokerjobs.envelope import new_job_id
-from brokerjobs.jobs import spec_of
-from brokerjobs.provision import declare
-from brokerjobs.settings import load_settings
-from brokerjobs.status import StatusStore, StatusTracker
+from brokerjobs import (
+    App,
+    Publisher,
+    PublishError,
+    Settings,
+    StatusStore,
+    StatusTracker,
+    declare_topology,
+    job_spec,
+    load_settings,
+    new_job_id,
+)
 from examples.thumbnails.jobs import ImageRequest, ProcessImage
 
 log = logging.getLogger("thumbnails.api")
 
 TRACKER = web.AppKey("tracker", StatusTracker)
 PUBLISHER = web.AppKey("publisher", Publisher)
-JOB_NAME = spec_of(ProcessImage).name
+JOB_NAME = job_spec(ProcessImage).name
 
 
 def create_api(
@@ -37,32 +42,26 @@ def create_api(
     settings: Settings | None = None,
     *,
     store: StatusStore | None = None,
-    declare_topology: bool = True,
+    declare_first: bool = True,
 ) -> web.Application:
     """The API for ``worker_app``'s jobs; it connects to the broker on start-up.
 
-    ``declare_topology`` declares the worker app's queues first, so jobs accepted while no
+    ``declare_first`` declares the worker app's queues first, so jobs accepted while no
     worker runs wait in their queue instead of being refused as unroutable.
     """
     api = web.Application()
-    api.cleanup_ctx.append(
-        _broker(worker_app, settings or load_settings(), store, declare_topology)
-    )
+    api.cleanup_ctx.append(_broker(worker_app, settings or load_settings(), store, declare_first))
     api.router.add_post("/images", submit_image, name="submit_image")
     api.router.add_get("/jobs/{job_id}", job_status, name="job_status")
     return api
 
 
 def _broker(
-    worker_app: App, settings: Settings, store: StatusStore | None, declare_topology: bool
+    worker_app: App, settings: Settings, store: StatusStore | None, declare_first: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def connected(api: web.Application) -> AsyncIterator[None]:
-        if declare_topology:
-            connection = await connect(settings, "thumbnails-api")
-            try:
-                await declare(connection, worker_app.topology())
-            finally:
-                await connection.close()
+        if declare_first:
+            await declare_topology(worker_app, settings)
         # The tracker subscribes before the first publish, so no status event is missed.
         tracker = StatusTracker(settings, exchange=worker_app.exchange, store=store)
         async with tracker, Publisher.for_app(worker_app, settings) as publisher:

@@ -20,8 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from brokerjobs import App, RetryPolicy, current_job
-from brokerjobs.status import report_progress
+from brokerjobs import App, RetryPolicy, current_job, report_progress
 from examples.thumbnails.jobs import ProcessImage
 
 CDN = "https://cdn.example/images"

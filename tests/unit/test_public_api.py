@@ -1,0 +1,57 @@
+"""The public API is what ``brokerjobs`` exports: pinned here, so removing a name is a decision."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import brokerjobs
+
+PUBLIC = {
+    "App", "BrokerJobsError", "BrokerUnreachable", "ConfigError", "ConnectionLost", "JobContext",
+    "JobRun", "JobSpec", "JobStatus", "Middleware", "Outcome", "Park", "ParkingLot",
+    "PermanentFailure", "PublishError", "Publisher", "Retry", "RetryLater", "RetryPolicy",
+    "Scheduler", "Settings", "Settled", "SlowJob", "StatusStore", "StatusTracker",
+    "TopologyError", "TopologyMismatch", "UnroutableJob", "Worker", "current_job",
+    "declare_topology", "job", "job_spec", "load_settings", "new_job_id", "report_progress",
+}  # fmt: skip
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Modules an application may import besides the package itself (documented in docs/).
+PUBLIC_MODULES = {"brokerjobs", "brokerjobs.testing"}
+
+
+def test_the_exported_names_are_pinned() -> None:
+    assert set(brokerjobs.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert getattr(brokerjobs, name) is not None
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("brokerjobs")
+        ):
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names if a.name.startswith("brokerjobs"))
+    return modules
+
+
+def test_the_examples_import_only_public_names() -> None:
+    used = {
+        str(path.relative_to(ROOT)): _imports(path) - PUBLIC_MODULES
+        for path in sorted((ROOT / "examples").rglob("*.py"))
+    }
+    assert {path: modules for path, modules in used.items() if modules} == {}
+
+
+def test_importing_the_package_does_not_load_the_amqp_client() -> None:
+    clients = "('aio_pika', 'aiormq', 'pamqp')"
+    code = f"import sys, brokerjobs; print(sorted(m for m in {clients} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
