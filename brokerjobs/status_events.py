@@ -37,9 +37,10 @@ class StatusEvents(Middleware):
             return  # never reached the handler (undecodable): no job to report on
         self._unbind(run)
         reporter = held[0]
+        error = run.failure.reason if run.failure is not None else settled.reason or ""
         if settled.outcome is Outcome.COMPLETED:
             await reporter.completed(run.result)
         elif settled.outcome is Outcome.RETRIED:
-            await reporter.failed("retried", settled.reason or "")
+            await reporter.failed("retried", error)
         elif settled.outcome is Outcome.PARKED:
-            await reporter.failed("parked", settled.reason or "")
+            await reporter.failed("parked", error)
