@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -94,13 +94,27 @@ class App:
                 raise ConfigError(f"{m!r} is not a brokerjobs.Middleware")
         self.middleware.extend(middleware)
 
-    def on(self, event: HookEvent, callback: HookCallback) -> HookCallback:
-        """Call ``callback(run)`` on ``"start"``, ``"complete"`` or ``"fail"`` of every job."""
+    @overload
+    def on(self, event: HookEvent, callback: HookCallback) -> HookCallback: ...
+
+    @overload
+    def on(self, event: HookEvent) -> Callable[[HookCallback], HookCallback]: ...
+
+    def on(
+        self, event: HookEvent, callback: HookCallback | None = None
+    ) -> HookCallback | Callable[[HookCallback], HookCallback]:
+        """Call ``callback(run)`` on ``"start"``, ``"complete"`` or ``"fail"`` of every job
+        (``brokerjobs.hooks``); without ``callback``, a decorator."""
         if self._hooks is None:
             self._hooks = LifecycleHooks()
             self.use(self._hooks)
-        self._hooks.add(event, callback)
-        return callback
+        hooks = self._hooks
+
+        def register(func: HookCallback) -> HookCallback:
+            hooks.add(event, func)
+            return func
+
+        return register if callback is None else register(callback)
 
     def slow_thresholds(self) -> dict[str, float]:
         """Job name -> slow-job threshold, for the handlers that set one."""
