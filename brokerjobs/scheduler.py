@@ -15,13 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -29,7 +26,7 @@ from brokerjobs.broker import default_broker
 from brokerjobs.broker.base import Broker
 from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
-from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, encode
+from brokerjobs.envelope import encode
 from brokerjobs.errors import (
     ConfigError,
     ConnectionLost,
@@ -61,6 +58,7 @@ from brokerjobs.schedule import (
     plan_ticks,
     tick_job_id,
 )
+from brokerjobs.scheduler_token import TokenSession
 from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.topology import scheduler_queue_arguments, scheduler_queue_name
@@ -88,83 +86,6 @@ def scheduler_queue(app: App) -> str:
 # -- the scheduler ---------------------------------------------------------------------------
 
 _SETUP_ERRORS: tuple[type[BaseException], ...] = (ConnectionLost, PublishNacked)
-
-
-class _Session:
-    """One connection: the token channel, the tokens held, and what the leader knows."""
-
-    def __init__(self, connection: Connection, channel: Channel, queue: str, wake: asyncio.Event):
-        self.connection = connection
-        self.channel = channel
-        self.queue = queue
-        self.wake = wake
-        self.inbox: deque[Delivery] = deque()
-        self.memory: State = {}
-        self.held: list[Delivery] = []
-        self.own_id: str | None = None  # our latest token, confirmed
-        self.own_state: State = {}
-        self.ready = False  # leading: our latest token came back, so we saw every older token
-        self.last_persist = time.monotonic()
-        self.persists = 0
-        for future in (connection.lost, channel.closing, channel.consumer_cancelled):
-            future.add_done_callback(lambda _: wake.set())
-
-    async def on_delivery(self, delivery: Delivery) -> None:
-        self.inbox.append(delivery)
-        self.wake.set()
-
-    def lost_reason(self) -> str | None:
-        if self.connection.lost.done():
-            return "connection closed"
-        if self.channel.closing.done():
-            return "channel closed"
-        if self.channel.consumer_cancelled.done():
-            return "consumer cancelled by the broker"
-        return None
-
-    async def on_token(self, token: Delivery) -> None:
-        """Only the active consumer gets tokens: the first one makes this instance the leader.
-
-        Tokens are acked only once a token that knows at least as much is confirmed in the
-        queue. Before acting, the leader publishes its own token and waits until it comes back:
-        every token queued ahead of it (a dead leader's newer one, a bootstrap twin) has then
-        been merged.
-        """
-        merge_state(self.memory, decode_state(token.body))
-        if token.message_id == self.own_id:
-            self.held.append(token)
-            if not self.ready:
-                self.ready = True
-                log.info("leading the schedules", extra={"action": "leader"})
-        elif self.own_id is not None and covers(self.own_state, self.memory):
-            await self.channel.ack(token.delivery_tag)  # a stale copy
-        else:
-            self.held.append(token)
-            await self.persist()
-
-    async def persist(self) -> None:
-        """Publish a token with what we know, wait for the confirm, then ack the older ones."""
-        message_id = uuid.uuid4().hex
-        await self.publish_token(self.memory, message_id)
-        self.own_id, self.own_state = message_id, dict(self.memory)
-        for token in self.held:
-            await self.channel.ack(token.delivery_tag)
-        self.held = []
-        self.last_persist = time.monotonic()
-        self.persists += 1
-
-    async def publish_token(self, state: Mapping[str, datetime], message_id: str) -> None:
-        message = OutgoingMessage(
-            body=encode_state(state),
-            message_id=message_id,
-            job_name=None,
-            priority=0,
-            headers={"bj-scheduler": f"{socket.gethostname()}:{os.getpid()}"},
-            timestamp=datetime.now(UTC),
-            content_type=CONTENT_TYPE,
-        )
-        # Through the default exchange: straight to the scheduler queue, nowhere else.
-        await self.channel.publish(message, "", self.queue)
 
 
 class Scheduler:
@@ -200,13 +121,13 @@ class Scheduler:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._sessions: SessionSupervisor[_Session] = SessionSupervisor(
+        self._sessions: SessionSupervisor[TokenSession] = SessionSupervisor(
             self.broker, "scheduler", self._stop, log=log, retry_on=_SETUP_ERRORS
         )
         self.published = 0  # jobs this instance published
 
     @property
-    def _session(self) -> _Session | None:
+    def _session(self) -> TokenSession | None:
         return self._sessions.session
 
     @property
@@ -240,22 +161,22 @@ class Scheduler:
         await self._sessions.run(self)
         log.info("scheduler stopped")
 
-    async def serve_session(self, session: _Session, stop: asyncio.Event) -> str | None:
+    async def serve_session(self, session: TokenSession, stop: asyncio.Event) -> str | None:
         return await self._serve(session)
 
-    async def close_session(self, session: _Session, *, stopping: bool) -> None:
+    async def close_session(self, session: TokenSession, *, stopping: bool) -> None:
         # Closing requeues a held token: the next instance leads at once. The channel first:
         # acks are sent without waiting, and closing the connection at once may drop them; the
         # channel's close-ok proves the broker has them.
         await session.channel.close()
         await session.connection.close()
 
-    async def open_session(self, connection: Connection) -> _Session:
+    async def open_session(self, connection: Connection) -> TokenSession:
         """Declare the plan (the scheduler queue included) and consume the token queue."""
         await declare(connection, self.app.topology())
         channel = await connection.channel(confirms=True, prefetch=TOKEN_PREFETCH)
         state = await channel.inspect_queue(self.queue)
-        session = _Session(connection, channel, self.queue, self._wake)
+        session = TokenSession(connection, channel, self.queue, self._wake)
         if state.messages == 0 and state.consumers == 0:
             # No token and no instance that could hold one: create it. Instances starting
             # at the same moment may both do so; the leader merges and drops the twin.
@@ -264,7 +185,7 @@ class Scheduler:
         log.info("scheduler standing by on %s", self.queue, extra={"action": "standby"})
         return session
 
-    async def _serve(self, session: _Session) -> str | None:
+    async def _serve(self, session: TokenSession) -> str | None:
         """Run until stop (None) or until the session breaks (why)."""
         while True:
             if not self._wake.is_set():
@@ -286,7 +207,7 @@ class Scheduler:
             except SESSION_ERRORS as exc:
                 return f"scheduler channel failed: {exc}"
 
-    def _timeout(self, session: _Session) -> float | None:
+    def _timeout(self, session: TokenSession) -> float | None:
         """Seconds until the next tick or token refresh; None while standing by."""
         if not session.ready:
             return None
@@ -298,7 +219,7 @@ class Scheduler:
                 waits.append((schedule.rule.next_after(max(done, now)) - now).total_seconds())
         return max(0.0, min(waits))
 
-    async def _publish_due(self, session: _Session) -> None:
+    async def _publish_due(self, session: TokenSession) -> None:
         now = self._clock()
         dirty = False
         for schedule in self.app.schedules:

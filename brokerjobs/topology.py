@@ -177,21 +177,7 @@ def plan(
     specs: list[QueueSpec] = []
     for spec, delays in queues:
         specs.append(spec)
-        parking = parking_queue_name(spec.name)
-        planned.append(QueuePlan(parking, "parking", spec.name, _parking_arguments(spec)))
-        for delay in sorted(set(delays)):
-            planned.append(
-                QueuePlan(
-                    retry_queue_name(spec.name, delay),
-                    "retry",
-                    spec.name,
-                    _retry_arguments(spec, delay),
-                    delay=delay,
-                )
-            )
-        planned.append(
-            QueuePlan(spec.name, "main", spec.name, _main_arguments(spec, parking), spec.patterns)
-        )
+        planned.extend(_plan_main(spec, delays))
     exchanges: list[str] = []
     bindings: list[BindingPlan] = []
     if delay_levels:
@@ -207,6 +193,20 @@ def plan(
     if duplicates:
         raise ConfigError(f"queue names collide in the plan: {', '.join(duplicates)}")
     return TopologyPlan(exchange, tuple(planned), tuple(exchanges), tuple(bindings))
+
+
+def _plan_main(spec: QueueSpec, delays: Iterable[float]) -> list[QueuePlan]:
+    """A main queue, its retry tiers (one per distinct delay) and its parking queue."""
+    parking = parking_queue_name(spec.name)
+    planned = [QueuePlan(parking, "parking", spec.name, _parking_arguments(spec))]
+    for delay in sorted(set(delays)):
+        name = retry_queue_name(spec.name, delay)
+        planned.append(
+            QueuePlan(name, "retry", spec.name, _retry_arguments(spec, delay), delay=delay)
+        )
+    main_arguments = _main_arguments(spec, parking)
+    planned.append(QueuePlan(spec.name, "main", spec.name, main_arguments, spec.patterns))
+    return planned
 
 
 # -- delayed publishing: binary-decomposed delay levels (as NServiceBus does) -----------------

@@ -33,11 +33,11 @@ from brokerjobs.scheduler import (
     SCHEDULE,
     SCHEDULED_FOR,
     Scheduler,
-    _Session,
     decode_state,
     scheduler_queue,
     tick_job_id,
 )
+from brokerjobs.scheduler_token import TokenSession
 from tests.support.broker import TEST_URL, Broker, make_settings, unique, wait_for
 from tests.support.sched_app import EVERY_ENV, NAME_ENV, SCHEDULE_NAME, Tick, build_app, job_queue
 
@@ -240,16 +240,16 @@ async def test_a_crash_between_publishing_a_tick_and_recording_it_repeats_that_t
     app.schedule(lambda at: Beat(at=at), every=1, name="beat")
     scheduler = Scheduler(app, make_settings())
     crashed_after: list[int] = []
-    persist = _Session.persist
+    persist = TokenSession.persist
 
-    async def crash_once_after_the_second_tick(session: _Session) -> None:
+    async def crash_once_after_the_second_tick(session: TokenSession) -> None:
         if scheduler.published == 2 and not crashed_after:
             crashed_after.append(scheduler.published)
             await session.connection.close()
             raise PublishInterrupted("simulated crash before the token was confirmed")
         await persist(session)
 
-    monkeypatch.setattr(_Session, "persist", crash_once_after_the_second_tick)
+    monkeypatch.setattr(TokenSession, "persist", crash_once_after_the_second_tick)
     async with running(scheduler) as task:
         await wait_for(lambda: alive(task) or scheduler.published >= 4, 10)
     assert crashed_after and scheduler.reconnects == 1

@@ -129,27 +129,6 @@ def test_consumer_timeout_warning() -> None:
     assert warning is not None and "consumer_timeout" in warning
 
 
-def test_public_api_is_pinned() -> None:
-    assert sorted(brokerjobs.__all__) == [
-        "App",
-        "BrokerJobsError",
-        "BrokerUnreachable",
-        "ConfigError",
-        "JobContext",
-        "PermanentFailure",
-        "PublishError",
-        "Publisher",
-        "RetryLater",
-        "RetryPolicy",
-        "Settings",
-        "TopologyMismatch",
-        "UnroutableJob",
-        "Worker",
-        "current_job",
-        "job",
-    ]
-
-
 def test_otlp_export_is_configured_from_the_standard_environment_variable() -> None:
     import subprocess
     import sys
