@@ -2,10 +2,11 @@
 
 Channel errors close the channel as RabbitMQ does: a missing queue or exchange (404), other
 arguments (406), a refused delete (406), an unknown delivery tag (406, "settled twice?").
-The operation raises its ``TopologyError`` (an ack of an unknown tag returns, as the broker only
-closes the channel afterwards; the reason is logged and is ``closing``'s result); from then on
-every operation raises ``ConnectionLost``, unacked deliveries return to their queues as
-redelivered and the callbacks still running are cancelled (as aiormq does).
+The operation raises its ``TopologyError`` (an ack of an unknown tag returns, as the broker
+only closes the channel afterwards; the reason is logged and is ``closing``'s result). From
+then on every operation raises ``ConnectionLost`` (a publish: ``PublishInterrupted``, as on
+AMQP), unacked deliveries return to their queues as redelivered and the callbacks still
+running are cancelled (as aiormq does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from brokerjobs.broker.memory.core import Core
 from brokerjobs.broker.memory.deaths import delivery_of
 from brokerjobs.broker.memory.queues import Consumer, MemoryQueue, Stored
 from brokerjobs.envelope import Delivery, OutgoingMessage
-from brokerjobs.errors import ConnectionLost, PublishError, TopologyError, UnroutableJob
+from brokerjobs.errors import (
+    ConnectionLost,
+    PublishError,
+    PublishInterrupted,
+    TopologyError,
+    UnroutableJob,
+)
 
 log = logging.getLogger("brokerjobs.broker.memory")
 
@@ -134,7 +141,13 @@ class MemoryChannel:
     # -- publishing --------------------------------------------------------------------------
 
     async def publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
-        """Mandatory and confirmed at once: UnroutableJob when no queue is bound for it."""
+        """Mandatory and confirmed at once: UnroutableJob when no queue is bound for it;
+        PublishInterrupted on a closed channel (as AMQP's: the caller publishes again)."""
+        if self._closing.done():
+            raise PublishInterrupted(
+                f"memory channel {self.number} is closed: job {message.message_id} was not "
+                "published, publish it again"
+            )
         with self._channel_errors(f"publishing job {message.message_id}"):
             routed = self._core.enqueue(message, exchange, routing_key)
         if not routed:

@@ -25,8 +25,9 @@ EQUIVALENCE_CHECKED = (
     "x-queue-mode",
     "x-queue-type",
     "x-single-active-consumer",
-    "x-delivery-limit",
 )
+# ... and for quorum queues also these (3.10: a classic queue accepts any value of them).
+QUORUM_EQUIVALENCE_CHECKED = ("x-delivery-limit", "x-dead-letter-strategy")
 # RabbitMQ 4.x gives quorum queues this delivery limit when none is set.
 QUORUM_DEFAULT_DELIVERY_LIMIT = 20
 
@@ -144,12 +145,13 @@ class MemoryQueue:
 
     def inequivalent(self, arguments: Mapping[str, Any]) -> str | None:
         """RabbitMQ's PRECONDITION_FAILED text if ``arguments`` differ from this queue's."""
-        for key in EQUIVALENCE_CHECKED:
+        checked = EQUIVALENCE_CHECKED + (QUORUM_EQUIVALENCE_CHECKED if self.quorum else ())
+        for key in checked:
             current, received = _normal(key, self.arguments), _normal(key, arguments)
             if current != received:
                 return (
                     f"PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{self.name}' in "
-                    f"vhost '/': received {_shown(received)} but current is {_shown(current)}"
+                    f"vhost '/': {_difference(received, current)}"
                 )
         return None
 
@@ -161,5 +163,9 @@ def _normal(key: str, arguments: Mapping[str, Any]) -> Any:
     return value
 
 
-def _shown(value: Any) -> str:
-    return "none" if value is None else f"the value '{value}'"
+def _difference(received: Any, current: Any) -> str:
+    """As RabbitMQ words it: "received '200' but current is '100'", or with "none"."""
+    if received is not None and current is not None:
+        return f"received '{received}' but current is '{current}'"
+    shown = ["none" if v is None else f"the value '{v}'" for v in (received, current)]
+    return f"received {shown[0]} but current is {shown[1]}"
