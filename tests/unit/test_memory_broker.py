@@ -267,3 +267,27 @@ async def test_the_real_worker_retries_parks_and_reconnects_on_it(memory: Memory
     assert runs[-1] == (3, 5.0)
     worker.stop()
     await running
+
+
+async def test_run_until_idle_can_advance_through_every_ttl(memory: MemoryBroker) -> None:
+    channel = await open_channel(memory)
+    await channel.declare_queue("dead", {})
+    await channel.declare_queue("q", DLX)
+    await channel.publish(message(expiration_ms=2500), "", "q")
+    await memory.run_until_idle()
+    assert memory.clock.now == 0.0
+    await memory.run_until_idle(advance_clock=True)
+    assert (memory.clock.now, memory.queue_depths()) == (2.5, {"dead": 1, "q": 0})
+
+
+async def test_channels_the_broker_closed_are_recorded(memory: MemoryBroker) -> None:
+    channel = await open_channel(memory)
+    await channel.ack(7)  # returns: RabbitMQ closes the channel only afterwards
+    assert channel.is_closed and channel.closing.result() is channel.close_reason
+    with pytest.raises(TopologyError):
+        await (await open_channel(memory)).get("missing")
+    assert memory.channel_failures == [
+        "PRECONDITION_FAILED - unknown delivery tag 7 (settled twice?)",
+        "reading 'missing': queue 'missing' does not exist: run `brokerjobs topology declare "
+        "MODULE:APP`",
+    ]

@@ -104,13 +104,28 @@ class MemoryBroker:
     async def run_until_idle(
         self,
         *,
+        advance_clock: bool = False,
         max_deliveries: int = MAX_DELIVERIES_PER_RUN,
         stuck_after: float = IDLE_TIMEOUT_S,
         raise_errors: bool = True,
     ) -> None:
         """Wait until no message waits for a consumer with credit and no delivery callback
-        runs (the clock stands still). StillBusy after ``max_deliveries`` deliveries or
-        ``stuck_after`` real seconds; CallbackFailed if a callback raised (``raise_errors``)."""
+        runs; the clock stands still unless ``advance_clock``, which then jumps it to each
+        pending TTL in turn until none is left. StillBusy after ``max_deliveries`` deliveries
+        or ``stuck_after`` real seconds waiting on callbacks; CallbackFailed if a callback
+        raised (``raise_errors``)."""
+        start = self._core.deliveries
+        while True:
+            left = max_deliveries - (self._core.deliveries - start)
+            await self._settle(left, stuck_after)
+            if raise_errors:
+                self.raise_callback_errors()
+            due = self._core.next_expiry()
+            if not advance_clock or due is None:
+                return
+            self.clock.now = max(self.clock.now, due)
+
+    async def _settle(self, max_deliveries: int, stuck_after: float) -> None:
         start = self._core.deliveries
         deadline = asyncio.get_running_loop().time() + stuck_after
         quiet = 0
@@ -122,8 +137,6 @@ class MemoryBroker:
                     "or republish every message it gets?"
                 )
             quiet = 0 if await self._wait_callbacks(deadline) else quiet + 1
-        if raise_errors:
-            self.raise_callback_errors()
 
     async def _wait_callbacks(self, deadline: float) -> bool:
         """Wait for a running callback to finish (True), or give the loop one turn (False)."""
@@ -148,6 +161,12 @@ class MemoryBroker:
             ) from first
 
     # -- inspection (not part of the seam) ---------------------------------------------------
+
+    @property
+    def channel_failures(self) -> list[str]:
+        """Why the broker closed a channel (unknown delivery tag, missing queue, other
+        arguments...), oldest first: the client's bug or a test's expectation."""
+        return self._core.channel_failures
 
     @property
     def deliveries(self) -> int:

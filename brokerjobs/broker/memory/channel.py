@@ -131,11 +131,13 @@ class MemoryChannel:
         try:
             yield
         except TopologyError as exc:
+            self._core.channel_failures.append(f"{what}: {exc}")
             self.shut(ConnectionLost(f"{what}: the broker closed the channel: {exc}"))
             raise
 
     def _fail(self, reply: str) -> None:
         log.warning("memory channel %s closed by the broker: %s", self.number, reply)
+        self._core.channel_failures.append(reply)
         self.shut(ConnectionLost(f"the broker closed memory channel {self.number}: {reply}"))
 
     # -- publishing --------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Core:
         self.tasks: set[asyncio.Task[None]] = set()  # delivery callbacks still running
         self.deliveries = 0  # every delivery to a consumer so far
         self.errors: list[BaseException] = []  # exceptions raised by delivery callbacks
+        self.channel_failures: list[str] = []  # why the broker closed a channel
 
     # -- topology ----------------------------------------------------------------------------
 
