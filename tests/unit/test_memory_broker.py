@@ -291,3 +291,20 @@ async def test_channels_the_broker_closed_are_recorded(memory: MemoryBroker) -> 
         "reading 'missing': queue 'missing' does not exist: run `brokerjobs topology declare "
         "MODULE:APP`",
     ]
+
+
+async def test_a_declared_plan_delays_a_publish_through_its_delay_levels(
+    memory: MemoryBroker,
+) -> None:
+    app = App("delayed", delay_levels=3)
+    app.queue("delayed.q", "memory.#")
+    await memory.declare_plan(app.topology())
+    await memory.declare_plan(app.topology())  # idempotent
+    settings = Settings(url="amqp://unused:1/")
+    async with Publisher(settings, exchange=app.exchange, delay_levels=3, broker=memory) as pub:
+        await pub.publish(Smoke(n=1), delay=5)
+    await memory.advance(4.999)
+    assert memory.queue_depths()["delayed.q"] == 0
+    await memory.advance(0.001)
+    (arrived,) = memory.messages("delayed.q")
+    assert arrived.routing_key.endswith("memory.smoke")
