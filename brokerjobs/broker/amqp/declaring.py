@@ -10,6 +10,7 @@ import aiormq.exceptions as amqp_errors
 
 from brokerjobs.broker.amqp.errors import link_failures
 from brokerjobs.broker.base import QueueState
+from brokerjobs.broker.problems import mismatch_message, missing_message
 from brokerjobs.errors import TopologyError, TopologyMismatch
 
 
@@ -66,21 +67,8 @@ class Declaring:
             try:
                 return await operation
             except amqp_errors.ChannelPreconditionFailed as exc:
-                raise TopologyMismatch(_mismatch_message(what, name, str(exc))) from None
+                raise TopologyMismatch(mismatch_message(what, name, str(exc))) from None
             except amqp_errors.ChannelNotFoundEntity:
-                raise TopologyError(
-                    f"{what} {name!r} does not exist: run `brokerjobs topology declare MODULE:APP`"
-                ) from None
+                raise TopologyError(missing_message(what, name)) from None
             except amqp_errors.ChannelAccessRefused as exc:
                 raise TopologyError(f"access refused for {what} {name!r}: {exc}") from None
-
-
-def _mismatch_message(what: str, name: str, broker_text: str) -> str:
-    marker = "inequivalent arg '"
-    argument = broker_text.split(marker, 1)[1].split("'", 1)[0] if marker in broker_text else None
-    differing = f"argument {argument!r} differs" if argument else "its arguments differ"
-    return (
-        f"{what} {name!r} already exists and {differing} from the plan (broker: {broker_text}). "
-        "Queue arguments cannot change in place: drain and delete the queue "
-        f"(rabbitmqctl delete_queue {name}) and declare again, or change the app to match."
-    )
