@@ -139,7 +139,9 @@ async def test_the_worker_reconnects_after_a_lost_connection(env: Env) -> None:
         await env.drop_connections()
         await env.until(lambda: worker.reconnects >= 1 and worker.ready)
         await publisher.publish(Step(n=2))  # the publisher reconnects too
-        await env.until(lambda: seen == [1, 2])
+        await env.until(lambda: 2 in seen)
+    # At least once: job 1's coalesced ack may not have reached the broker before the cut.
+    assert set(seen) == {1, 2} and seen.count(2) == 1
 
 
 async def test_parked_jobs_are_listed_replayed_and_purged(env: Env) -> None:
