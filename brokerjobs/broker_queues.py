@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from brokerjobs.broker.base import BrokerChannel, QueueState
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.errors import BrokerJobsError, TopologyError
 from brokerjobs.retry import DEFAULT_DELAYS, tier_label
@@ -152,16 +153,33 @@ def candidate_names(topology: TopologyPlan) -> list[str]:
 
 async def candidate_queues(connection: Connection, names: Iterable[str]) -> list[BrokerQueue]:
     """Passive-declare ``names``: the ones that exist, depth only (arguments unknown)."""
-    found: list[BrokerQueue] = []
-    channel = await connection.channel(confirms=False)
+    states = await inspect_queues(connection, names)
+    return [BrokerQueue(name, state.messages) for name, state in states.items() if state]
+
+
+async def inspect_queues(
+    connection: Connection, names: Iterable[str]
+) -> dict[str, QueueState | None]:
+    """Each queue's live depth and consumers, or None where it does not exist.
+
+    A passive declare of a missing queue ends its channel (AMQP's 404), so the next name goes
+    to a fresh channel whenever the last one is closed: one short channel per missing queue.
+    """
+    states: dict[str, QueueState | None] = {}
+    channel: BrokerChannel | None = None
     try:
         for name in names:
-            try:
-                state = await channel.inspect_queue(name)
-            except TopologyError:  # 404 closes the channel
+            if channel is None or channel.is_closed:
                 channel = await connection.channel(confirms=False)
-                continue
-            found.append(BrokerQueue(name, state.messages))
+            states[name] = await _inspect(channel, name)
     finally:
-        await channel.close()
-    return found
+        if channel is not None:
+            await channel.close()
+    return states
+
+
+async def _inspect(channel: BrokerChannel, name: str) -> QueueState | None:
+    try:
+        return await channel.inspect_queue(name)
+    except TopologyError:  # the queue does not exist
+        return None

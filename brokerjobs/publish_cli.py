@@ -1,33 +1,34 @@
 """``brokerjobs publish``: validate JSON payloads against a job's model, then publish with confirms.
 
-Every payload is validated before the first is published: one bad line publishes nothing.
-Exit codes: 0 published, 1 broker or publish failure (e.g. unroutable), 2 usage or invalid payload.
+Every payload is validated before the first is published: one bad line publishes nothing
+(exit 2); a broker or publish failure (e.g. unroutable) is exit 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
+import click
 from pydantic import BaseModel, ValidationError
 
 from brokerjobs.app import App
+from brokerjobs.cli_support import (
+    CliError,
+    Duration,
+    Exit,
+    app_argument,
+    examples,
+    load_app,
+    run,
+    start,
+)
 from brokerjobs.errors import BrokerJobsError
 from brokerjobs.jobs import JobSpec
-from brokerjobs.parking_cli import duration
-from brokerjobs.publisher import Publisher
 from brokerjobs.settings import Settings
-
-EXIT_OK, EXIT_USAGE = 0, 2
-_EPILOG = """examples:
-  brokerjobs publish shop.jobs:app email.send '{"to": "a@example.com", "subject": "hi"}'
-  brokerjobs publish shop.jobs:app email.send --file jobs.jsonl --priority 5
-  jq -c '.[]' jobs.json | brokerjobs publish shop.jobs:app email.send - --delay 10m"""
 
 
 class InvalidPayload(BrokerJobsError):
@@ -92,6 +93,8 @@ async def publish(
     confirmed: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Publish ``jobs`` in order, each confirmed (then ``confirmed(job_id)``); their ids."""
+    from brokerjobs.publisher import Publisher
+
     ids: list[str] = []
     async with Publisher.for_app(app, settings) as publisher:
         for job in jobs:
@@ -113,66 +116,79 @@ def payloads_from_file(path: Path) -> list[Payload]:
     return payloads_from_lines(text.splitlines(), str(path))
 
 
-def add_parser(commands: Any) -> None:
-    parser = commands.add_parser(
-        "publish",
-        help="validate and publish jobs (for operators and smoke tests)",
-        description=textwrap.fill(
-            "Validate JSON payloads against the job's model (nothing is published if "
-            "any is invalid), then publish each with a broker confirm and print its job id."
-        ),
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("app", metavar="MODULE:APP", help="the app, e.g. shop.jobs:app")
-    parser.add_argument("job", metavar="JOB_NAME", help="the job's name, e.g. email.send")
-    parser.add_argument(
-        "payload",
-        nargs="?",
-        metavar="JSON",
-        help="the job as a JSON object; '-' reads JSON Lines from stdin",
-    )
-    parser.add_argument("--file", type=Path, metavar="F", help="a JSON object or JSON Lines file")
-    parser.add_argument("--priority", type=int, metavar="N", help="per-message priority")
-    parser.add_argument(
-        "--delay",
-        type=duration,
-        metavar="D",
-        help="hold the job in the broker first, e.g. 30s, 10m (the app needs delay_levels)",
-    )
-    parser.set_defaults(handler=run)
+@click.command(
+    "publish",
+    short_help="validate and publish jobs from a shell",
+    epilog=examples(
+        "brokerjobs publish shop.jobs:app email.send "
+        """'{"to": "a@example.com", "subject": "hi"}'""",
+        "brokerjobs publish shop.jobs:app email.send --file jobs.jsonl --priority 5",
+        "jq -c '.[]' jobs.json | brokerjobs publish shop.jobs:app email.send - --delay 10m",
+    ),
+)
+@app_argument
+@click.argument("job", metavar="JOB_NAME", help="the job's name, e.g. email.send")
+@click.argument(
+    "payload",
+    required=False,
+    metavar="[JSON]",
+    help="the job as a JSON object; '-' reads JSON Lines from stdin",
+)
+@click.option(
+    "--file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="F",
+    help="read the payload from F: one JSON object, or JSON Lines",
+)
+@click.option("--priority", type=click.IntRange(0, 255), metavar="N", help="per-message priority")
+@click.option(
+    "--delay",
+    type=Duration(),
+    metavar="D",
+    help="hold the job in the broker first, e.g. 30s, 10m (the app needs delay_levels)",
+)
+def publish_command(
+    app: str,
+    job: str,
+    payload: str | None,
+    file: Path | None,
+    priority: int | None,
+    delay: timedelta | None,
+) -> int:
+    """Validate JSON payloads against the job's model (nothing is published if any is
+    invalid), then publish each with a broker confirm and print its job id."""
+    settings = start()
+    return run(_publish(app, settings, job, (payload, file), priority, delay))
 
 
-def read_payloads(args: argparse.Namespace) -> list[Payload]:
-    if (args.payload is None) == (args.file is None):
+def read_payloads(payload: str | None, file: Path | None) -> list[Payload]:
+    if (payload is None) == (file is None):
         raise InvalidPayload("give the payload as a JSON argument, '-' for stdin, or --file F")
-    if args.file is not None:
-        return payloads_from_file(args.file)
-    if args.payload == "-":
+    if file is not None:
+        return payloads_from_file(file)
+    if payload == "-":
         return payloads_from_lines(sys.stdin, "stdin")
-    return [Payload("the JSON argument", args.payload)]
+    return [Payload("the JSON argument", payload or "")]
 
 
-async def run(args: argparse.Namespace, settings: Settings) -> int:
-    from brokerjobs.cli import load_app
-
-    app = load_app(args.app)
+async def _publish(
+    path: str,
+    settings: Settings,
+    name: str,
+    given: tuple[str | None, Path | None],
+    priority: int | None,
+    delay: timedelta | None,
+) -> int:
+    app = load_app(path)
     try:
-        jobs = validate(find_job(app, args.job), read_payloads(args))
-        delay = args.delay.total_seconds() if args.delay is not None else None
+        jobs = validate(find_job(app, name), read_payloads(*given))
         if delay is not None and not app.delay_levels:
             raise InvalidPayload(
                 f"app {app.name!r} has no delay levels: --delay needs App(..., delay_levels=N)"
             )
     except InvalidPayload as exc:
-        print(f"brokerjobs: {exc}; nothing was published", file=sys.stderr)
-        return EXIT_USAGE
-    await publish(
-        app,
-        settings,
-        jobs,
-        priority=args.priority,
-        delay=delay,
-        confirmed=lambda job_id: print(job_id, flush=True),
-    )
-    return EXIT_OK
+        raise CliError(f"{exc}; nothing was published", Exit.USAGE) from None
+    seconds = delay.total_seconds() if delay is not None else None
+    # click.echo flushes: each id is printed as soon as the broker confirmed its job
+    await publish(app, settings, jobs, priority=priority, delay=seconds, confirmed=click.echo)
+    return Exit.OK

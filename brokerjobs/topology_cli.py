@@ -1,22 +1,18 @@
-"""``brokerjobs topology diff|prune``: thin over ``topology_diff``, ``broker_queues`` and ``prune``.
+"""``brokerjobs topology show|declare|diff|prune``: thin over ``topology``, ``provision``,
+``topology_diff``, ``broker_queues`` and ``prune``.
 
-When the broker's queues cannot be listed, both say so and fall back to passive-declaring the
-names the app's naming scheme gives common delays: partial, but every name found is one the app
-made, and prune deletes only when empty, so acting on it is as safe.
-
-Exit codes: 0 done (``diff`` whatever it found; ``prune`` with nothing obsolete), 1 broker failure
-or ``prune`` kept a queue (not empty without ``--drain``), 2 usage (or ``prune`` without ``--yes``
-and no terminal to ask).
+When the broker's queues cannot be listed, diff and prune say so and fall back to
+passive-declaring the names the app's naming scheme gives common delays: partial, but every name
+found is one the app made, and prune deletes only when empty, so acting on it is as safe.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
-import textwrap
-from typing import Any
+
+import click
 
 from brokerjobs.broker.amqp import connect
 from brokerjobs.broker_queues import (
@@ -25,65 +21,113 @@ from brokerjobs.broker_queues import (
     candidate_queues,
     list_queues,
 )
+from brokerjobs.cli_support import (
+    Exit,
+    app_argument,
+    examples,
+    load_app,
+    run,
+    start,
+)
 from brokerjobs.prune import PruneReport, prune
 from brokerjobs.settings import Settings
 from brokerjobs.topology_diff import Obsolete, TopologyDiff, diff, with_depths
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _GUESSING = (
     "Guessing instead: asked for the plan's queues and the retry tiers that common delays "
     "(1s to 2h) would have made. Tiers of other delays and queues of removed handlers are not "
     "seen, and arguments are not compared."
 )
-_LISTING = (
-    "The broker's queues are read from the management API when BROKERJOBS_MANAGEMENT_URL is set "
-    "(http://user:password@host:15672), else from `rabbitmqctl list_queues` on the broker's host; "
-    "failing both, common tier names are guessed (partial; it says so)."
+
+
+@click.group(
+    short_help="show, declare, diff or prune exchanges and queues",
+    epilog=examples("brokerjobs topology diff shop.jobs:app"),
 )
+def topology() -> None:
+    """Show, declare, diff or prune an app's exchanges and queues."""
 
 
-def add_actions(actions: Any) -> None:
-    """Add ``diff`` and ``prune`` to the ``topology`` subcommand's actions."""
-    differ = actions.add_parser(
-        "diff",
-        help="what the broker has that the plan lacks, and what differs",
-        description=textwrap.fill(
-            "Compare the app's plan with the broker: obsolete queues (retry tiers of "
-            "an older policy, queues of removed handlers) and planned queues whose arguments "
-            "differ. " + _LISTING
-        ),
-        epilog="example:\n  brokerjobs topology diff shop.jobs:app",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    differ.add_argument("app", metavar="MODULE:APP", help="the app, e.g. shop.jobs:app")
-    differ.add_argument("--json", action="store_true", help="print the diff as JSON")
-    differ.set_defaults(handler=run_diff)
-    pruner = actions.add_parser(
-        "prune",
-        help="delete obsolete queues (only when empty, or --drain them first)",
-        description=textwrap.fill(
-            "Delete the queues `topology diff` calls obsolete, each only if the broker "
-            "finds it empty (queue.delete if-empty). --drain first moves an obsolete retry tier's "
-            "messages to its main queue (publish with confirm, then ack). " + _LISTING
-        ),
-        epilog="examples:\n  brokerjobs topology prune shop.jobs:app\n"
-        "  brokerjobs topology prune shop.jobs:app --drain --yes",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    pruner.add_argument("app", metavar="MODULE:APP", help="the app, e.g. shop.jobs:app")
-    pruner.add_argument(
-        "--drain", action="store_true", help="move messages to their main queue, then delete"
-    )
-    pruner.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    pruner.set_defaults(handler=run_prune)
+@topology.command(
+    short_help="print the app's plan", epilog=examples("brokerjobs topology show shop.jobs:app")
+)
+@app_argument
+def show(app: str) -> int:
+    """Print the app's plan: its exchanges, queues, their arguments and bindings (no broker)."""
+    start()
+
+    async def describe() -> None:
+        click.echo(load_app(app).topology().describe())
+
+    return run(describe())
 
 
-async def compute(args: argparse.Namespace, settings: Settings) -> TopologyDiff:
+@topology.command(
+    short_help="declare the plan on the broker",
+    epilog=examples("brokerjobs topology declare shop.jobs:app"),
+)
+@app_argument
+def declare(app: str) -> int:
+    """Declare the app's exchanges and queues on the broker (idempotent; a worker does the
+    same at start-up)."""
+    return run(_declare(app, start()))
+
+
+async def _declare(path: str, settings: Settings) -> None:
+    from brokerjobs.provision import declare as declare_plan
+
+    plan = load_app(path).topology()
+    connection = await connect(settings, "topology")
+    try:
+        await declare_plan(connection, plan)
+    finally:
+        await connection.close()
+    click.echo(f"declared exchange {plan.exchange} and {len(plan.queues)} queues")
+
+
+@topology.command(
+    "diff",
+    short_help="what the broker has that the plan lacks, or differs",
+    epilog=examples(
+        "brokerjobs topology diff shop.jobs:app",
+        "brokerjobs topology diff shop.jobs:app --json | jq .obsolete",
+    ),
+)
+@app_argument
+@click.option("--json", "as_json", is_flag=True, help="print the diff as one JSON object")
+def diff_command(app: str, as_json: bool) -> int:
+    """Compare the app's plan with the broker: obsolete queues (retry tiers of an older
+    policy, queues of removed handlers) and planned queues whose arguments differ. Exit 0
+    whatever it found.
+
+    The broker's queues are read from the management API when BROKERJOBS_MANAGEMENT_URL is set
+    (http://user:password@host:15672), else from `rabbitmqctl list_queues` on the broker's
+    host; failing both, common tier names are guessed (partial; it says so)."""
+    return run(run_diff(app, start(), as_json))
+
+
+@topology.command(
+    "prune",
+    short_help="delete obsolete queues (only when empty)",
+    epilog=examples(
+        "brokerjobs topology prune shop.jobs:app",
+        "brokerjobs topology prune shop.jobs:app --drain --yes",
+    ),
+)
+@app_argument
+@click.option("--drain", is_flag=True, help="move an obsolete tier's jobs to its main queue first")
+@click.option("--yes", is_flag=True, help="do not ask before acting (needed without a terminal)")
+def prune_command(app: str, drain: bool, yes: bool) -> int:
+    """Delete the queues `topology diff` calls obsolete, each only if the broker finds it
+    empty (queue.delete if-empty). --drain first moves an obsolete retry tier's jobs to its
+    main queue (publish with confirm, then ack). Quorum queues are kept: see docs/cli.md."""
+    return run(run_prune(app, start(), drain=drain, yes=yes))
+
+
+async def compute(path: str, settings: Settings) -> TopologyDiff:
     """The diff from the broker's full list, or from guessed names when it cannot be listed;
     the obsolete queues' depths are read live (listings lag, quorum queues' by seconds)."""
-    from brokerjobs.cli import load_app
-
-    app = load_app(args.app)
+    app = load_app(path)
     topology = app.topology()
     connection = await connect(settings, "topology")
     try:
@@ -100,32 +144,32 @@ async def compute(args: argparse.Namespace, settings: Settings) -> TopologyDiff:
     return with_depths(found, {q.name: q.messages for q in live})
 
 
-async def run_diff(args: argparse.Namespace, settings: Settings) -> int:
-    found = await compute(args, settings)
-    print(json.dumps(found.as_json(), indent=2) if args.json else found.describe())
-    return EXIT_OK
+async def run_diff(path: str, settings: Settings, as_json: bool) -> int:
+    found = await compute(path, settings)
+    click.echo(json.dumps(found.as_json(), indent=2) if as_json else found.describe())
+    return Exit.OK
 
 
-async def run_prune(args: argparse.Namespace, settings: Settings) -> int:
-    found = await compute(args, settings)
+async def run_prune(path: str, settings: Settings, *, drain: bool, yes: bool) -> int:
+    found = await compute(path, settings)
     if not found.obsolete:
         print("nothing obsolete: nothing to prune")
-        return EXIT_OK
-    print("\n".join(_intention(o, args.drain) for o in found.obsolete))
-    if not args.yes:
+        return Exit.OK
+    print("\n".join(_intention(o, drain) for o in found.obsolete))
+    if not yes:
         answer = await _ask(f"prune {len(found.obsolete)} queue(s)? [y/N] ")
         if answer is None:
-            return EXIT_USAGE
+            return Exit.USAGE
         if answer not in ("y", "yes"):
             print("aborted: nothing pruned")
-            return EXIT_OK
+            return Exit.OK
     connection = await connect(settings, "prune")
     try:
-        report = await prune(connection, found.obsolete, drain=args.drain)
+        report = await prune(connection, found.obsolete, drain=drain)
     finally:
         await connection.close()
     _print_report(report)
-    return EXIT_OK if report.complete else EXIT_FAILED
+    return Exit.OK if report.complete else Exit.FAILURE
 
 
 def _intention(found: Obsolete, drain: bool) -> str:

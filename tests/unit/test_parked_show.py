@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from brokerjobs.amqp_values import Int8, LongString, Timestamp
 from brokerjobs.envelope import Delivery
+from brokerjobs.parked_view import render_job, table_rows, utc_text
 from brokerjobs.parking import ParkedJob
-from brokerjobs.parking_cli import _table, render_job, utc_text
 
 TRACEBACK = 'Traceback (most recent call last):\n  File "jobs.py", line 3\nValueError: bad'
 
@@ -100,7 +100,6 @@ def test_a_timestamp_beyond_datetime_is_shown_raw_not_reinterpreted():
 
 
 def test_list_prints_parked_at_in_the_same_form():
-    table = _table([parked()])
-    assert table.splitlines()[1].split() == [
+    assert table_rows([parked()]) == [[
         "3f2a", "email.send", "bad", "5", "2026-12-01T10:33:26.123Z",
-    ]  # fmt: skip
+    ]]  # fmt: skip
