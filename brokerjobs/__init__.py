@@ -1,5 +1,7 @@
 """brokerjobs: reliable background jobs over RabbitMQ."""
 
+from typing import TYPE_CHECKING, Any
+
 from brokerjobs.app import App
 from brokerjobs.context import JobContext, current_job
 from brokerjobs.envelope import new_job_id
@@ -17,16 +19,31 @@ from brokerjobs.jobs import JobSpec, job
 from brokerjobs.jobs import spec_of as job_spec
 from brokerjobs.middleware import JobRun, Middleware
 from brokerjobs.outcomes import Outcome, Settled
-from brokerjobs.parking import ParkingLot
 from brokerjobs.provision import declare_topology
 from brokerjobs.publisher import Publisher
 from brokerjobs.retry import Park, Retry, RetryPolicy
-from brokerjobs.scheduler import Scheduler
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.signals import PermanentFailure, RetryLater
 from brokerjobs.slow_jobs import SlowJob
 from brokerjobs.status import JobStatus, StatusStore, StatusTracker, report_progress
 from brokerjobs.worker import Worker
+
+if TYPE_CHECKING:
+    from brokerjobs.parking import ParkingLot
+    from brokerjobs.scheduler import Scheduler
+
+# Loaded on first use: a worker needs neither the replay tool nor the scheduler.
+_LAZY = {"ParkingLot": "brokerjobs.parking", "Scheduler": "brokerjobs.scheduler"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'brokerjobs' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __version__ = "0.1.0"  # kept equal to pyproject.toml's by a test
 

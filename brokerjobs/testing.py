@@ -1,17 +1,16 @@
-"""Test an app without RabbitMQ: its real consumer, settlement and retry policy on in-memory queues.
+"""Test an app without RabbitMQ: the real Worker, Publisher and ParkingLot on the in-memory broker.
 
 >>> async with TestBroker(app) as broker:
 ...     await broker.publish(SendEmail(to="a@example.com", subject="hi"))
 ...     await broker.run_until_idle()
 ...     assert broker.completed(SendEmail) == [SendEmail(to="a@example.com", subject="hi")]
 
-Only the wire is replaced. ``MemoryChannel`` stands in for ``transport.Channel`` under the real
-``Publisher``, ``QueueConsumer``, ``Settlement`` and ``StatusEmitter``; the broker's part is played
-from the app's topology plan: its exchanges and bindings (topic matching with ``topic_matches``,
-exchange-to-exchange bindings, the default exchange), mandatory routing (``UnroutableJob``),
-``x-max-priority``, prefetch, TTLs that expire at a queue's head, and dead-lettering to the targets
-in each queue's arguments. Retry tiers and delay levels wait on a virtual clock: an hour-long retry
-takes no real time, and handlers take no virtual time.
+Only the broker is replaced: ``brokerjobs.broker.memory.MemoryBroker`` fills the broker seam under
+the real ``Worker`` (its sessions, consumers, delivery pipeline and settlement), ``Publisher``
+and ``ParkingLot``. It plays routing (topic patterns, exchange-to-exchange bindings, the default
+exchange), mandatory publishing (``UnroutableJob``), priorities, prefetch, TTLs that expire at a
+queue's head and dead-lettering with ``x-death``. Retry tiers and delay levels wait on a virtual
+clock: an hour-long retry takes no real time, and handlers take no virtual time.
 """
 
 from __future__ import annotations
@@ -21,30 +20,28 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, ClassVar, Self, TypeVar, cast
+from typing import Any, ClassVar, Self, TypeVar
 
 from pydantic import BaseModel, SecretStr
 
 from brokerjobs.app import App
-from brokerjobs.consumer import QueueConsumer, build_consumer
+from brokerjobs.broker.memory import CallbackFailed, MemoryBroker
 from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, new_job_id
 from brokerjobs.errors import ConfigError
-from brokerjobs.executors import Executors
 from brokerjobs.jobs import spec_of
-from brokerjobs.memory import MemoryChannel, _delivery, _Memory, _Queue
 from brokerjobs.middleware import JobRun, Middleware
 from brokerjobs.outcomes import Outcome
-from brokerjobs.parking import ParkedJob, replay_message
+from brokerjobs.parking import ParkedJob, ParkingLot
 from brokerjobs.publisher import Publisher
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry
-from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name
+from brokerjobs.topology import parking_queue_name
+from brokerjobs.worker import Worker
 
 J = TypeVar("J", bound=BaseModel)
-# A run that keeps finding work after this many deliveries is a loop, not a test.
-MAX_DELIVERIES_PER_RUN = 100_000
-# Settings for the in-memory publisher point here: should it ever try to connect, it fails fast.
+# Settings point here: nothing in a TestBroker may reach for a real broker.
 _OFFLINE_URL = "amqp://brokerjobs-testbroker.invalid/"
+START_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +85,10 @@ class _Recorder(Middleware):
         )
 
 
-@dataclass(slots=True)
-class _Consumer:
-    queue: _Queue
-    channel: MemoryChannel
-    prefetch: int
-    consumer: QueueConsumer
-
-
 class TestBroker:
-    """Runs ``app``'s handlers in-process on in-memory queues, retries on a virtual clock.
+    """Runs ``app``'s worker in-process on the in-memory broker, retries on a virtual clock.
 
-    Consumes every queue of the app (or ``queues``) as a worker would, with its prefetch.
+    Consumes every queue of the app (or ``queues``) as ``brokerjobs worker`` would.
     """
 
     __test__: ClassVar[bool] = False  # a helper, not a pytest test class
@@ -113,41 +102,38 @@ class TestBroker:
         telemetry: Telemetry | None = None,
     ) -> None:
         self.app = app
-        self.settings = settings or load_settings()
+        offline = {"url": SecretStr(_OFFLINE_URL), "connect_timeout": 0.1, "health_port": None}
+        self.settings = (settings or load_settings()).model_copy(update=offline)
         self.telemetry = telemetry or Telemetry()
         self.topology = app.topology()
         self.outcomes: list[JobOutcome] = []
-        self._memory = _Memory(self.topology)
-        self._channel = MemoryChannel(self._memory)
-        offline = {"url": SecretStr(_OFFLINE_URL), "connect_timeout": 0.1}
+        self.memory = MemoryBroker(deliver_when_run=True)
+        """The broker itself: ``memory.clock``, ``memory.channel_failures``, ... """
+        selected = app.select_queues(queues)
+        self.worker: Worker | None = None
+        """The real worker (None when ``queues=()``: nothing is consumed)."""
+        if selected:
+            self.worker = Worker(
+                app,
+                self.settings,
+                queues=selected,
+                telemetry=self.telemetry,
+                broker=self.memory,
+                middleware=[_Recorder(self)],
+            )
         self.publisher = Publisher(
-            self.settings.model_copy(update=offline),
+            self.settings,
             exchange=app.exchange,
             telemetry=self.telemetry,
             delay_levels=app.delay_levels,
-            channel=self._channel,
+            broker=self.memory,
+            middleware=app.middleware,
         )
         """A real ``Publisher`` into this broker: hand it to the code under test."""
-        self._executors = Executors(self.settings.sync_workers, name="bj-test")
-        self._consumers = [self._consumer(name) for name in app.select_queues(queues)]
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._errors: list[BaseException] = []
-
-    def _consumer(self, queue: str) -> _Consumer:
-        channel = MemoryChannel(self._memory)
-        consumer = build_consumer(
-            self.app,
-            queue,
-            channel,
-            self.settings,
-            self._executors,
-            self.telemetry,
-            [_Recorder(self)],
-        )
-        prefetch = self.app.queues[queue].prefetch or self.settings.prefetch
-        return _Consumer(self._memory.queues[queue], channel, prefetch, consumer)
+        self._running: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
+        await self.start()
         return self
 
     async def __aexit__(
@@ -158,12 +144,26 @@ class TestBroker:
     ) -> None:
         await self.close()
 
+    async def start(self) -> None:
+        """Declare the app's topology and start its worker (``async with`` does this)."""
+        await self.memory.declare_plan(self.topology)
+        worker = self.worker
+        if worker is None:
+            return
+        self._running = asyncio.create_task(worker.run(), name="bj-test-worker")
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while not worker.ready and not self._running.done():  # noqa: ASYNC110
+                await asyncio.sleep(0)  # the worker's start-up is a few loop turns, no I/O
+        if self._running.done():
+            self._running.result()  # the start-up error (a ConfigError, say)
+
     async def close(self) -> None:
-        """Stop handlers still running (their jobs are requeued) and the thread pool."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._executors.shutdown()
+        """Stop the worker: handlers still running are cancelled, their jobs requeued."""
+        await self.publisher.close()
+        if self._running is None or self.worker is None:
+            return
+        self.worker.stop()
+        await asyncio.wait_for(self._running, self.settings.shutdown_grace + 10)
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -204,14 +204,19 @@ class TestBroker:
     ) -> None:
         """Publish a message built by hand (any property, e.g. ``expiration_ms``)."""
         target = self.topology.exchange if exchange is None else exchange
-        await self._channel.publish(message, target, routing_key)
+        connection = await self.memory.connect("test-publish")
+        try:
+            channel = await connection.channel(confirms=True)
+            await channel.publish(message, target, routing_key)
+        finally:
+            await connection.close()
 
     # -- running -------------------------------------------------------------------------------
 
     @property
     def now(self) -> float:
         """Virtual seconds since the broker started."""
-        return self._memory.now
+        return self.memory.clock.now
 
     async def run_until_idle(self, *, advance_clock: bool = True) -> None:
         """Deliver until nothing is left to do; handler errors that escape brokerjobs raise here.
@@ -220,65 +225,24 @@ class TestBroker:
         every job is completed or parked. ``advance_clock=False`` stops at the current time
         instead, leaving retries in their tiers (see ``advance``).
         """
-        await self._run(until=None if advance_clock else self._memory.now)
+        await self._settled(self.memory.run_until_idle(advance_clock=advance_clock))
 
     async def advance(self, seconds: float) -> None:
         """Let ``seconds`` of virtual time pass, delivering whatever becomes due on the way."""
         if seconds < 0:
             raise ValueError("virtual time only moves forward")
-        target = round(self._memory.now + seconds, 6)
-        await self._run(until=target)
-        self._memory.now = max(self._memory.now, target)
+        await self._settled(self.memory.advance(seconds))
 
-    async def _run(self, until: float | None) -> None:
-        deliveries = 0
-        while True:
-            self._memory.expire()
-            deliveries += self._dispatch()
-            if deliveries > MAX_DELIVERIES_PER_RUN:
-                raise RuntimeError(
-                    f"still busy after {MAX_DELIVERIES_PER_RUN} deliveries: does a handler "
-                    "publish jobs endlessly?"
-                )
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
-                self._raise_errors()
-                continue
-            self._check_settled()
-            due = self._memory.next_expiry()
-            if due is None or (until is not None and due > until):
-                return
-            self._memory.now = max(self._memory.now, due)
-
-    def _dispatch(self) -> int:
-        """Hand ready messages to consumers, each up to its prefetch of unacked deliveries."""
-        started = 0
-        for c in self._consumers:
-            while c.queue and len(c.channel.unacked) < c.prefetch:
-                delivery = c.channel.deliver(c.queue, c.queue.pop())
-                task = asyncio.create_task(c.consumer.on_delivery(delivery))
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
-                started += 1
-        return started
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._errors.append(cast(BaseException, task.exception()))
-
-    def _raise_errors(self) -> None:
-        if self._errors:
-            error, self._errors = self._errors[0], []
-            raise error
-
-    def _check_settled(self) -> None:
-        for c in self._consumers:
-            if c.channel.unacked:
-                raise RuntimeError(
-                    f"{len(c.channel.unacked)} delivery(ies) of {c.queue.plan.name!r} were "
-                    "neither acked nor nacked after their handlers finished"
-                )
+    async def _settled(self, running: Any) -> None:
+        try:
+            await running
+        except CallbackFailed as exc:
+            raise (exc.__cause__ or exc) from None
+        # Missing queues are part of normal operation (the worker looks for obsolete retry
+        # tiers); a delivery settled twice is a bug RabbitMQ punishes by closing the channel.
+        settled_twice = [f for f in self.memory.channel_failures if "unknown delivery tag" in f]
+        if settled_twice:
+            raise RuntimeError("the broker closed a channel: " + "; ".join(settled_twice))
 
     # -- looking inside ------------------------------------------------------------------------
 
@@ -293,12 +257,13 @@ class TestBroker:
 
     def queue_depths(self) -> dict[str, int]:
         """Ready messages in every planned queue (main, retry tiers, parking, delay levels)."""
-        return {name: len(queue) for name, queue in self._memory.queues.items()}
+        depths = self.memory.queue_depths()
+        return {q.name: depths.get(q.name, 0) for q in self.topology.queues}
 
     def messages(self, queue: str) -> list[Delivery]:
         """The ready messages of any planned queue, in delivery order; they stay queued."""
         self.topology.queue(queue)  # a clear error for unknown names
-        return [_delivery(stored, 0) for stored in self._memory.queues[queue].ready()]
+        return self.memory.messages(queue)
 
     def parked(self, queue: str) -> list[ParkedJob]:
         """The parked jobs of main queue ``queue``, each with its failure envelope."""
@@ -306,13 +271,12 @@ class TestBroker:
 
     async def replay(self, queue: str) -> int:
         """Send every parked job of ``queue`` back to it, as ``brokerjobs parked replay`` does."""
-        parking = self._memory.queues[self._parking_of(queue)]
-        replayed = 0
-        while parking:
-            job = ParkedJob(_delivery(parking.pop(), 0))
-            await self._channel.publish(replay_message(job), DEFAULT_EXCHANGE, parking.plan.main)
-            replayed += 1
-        return replayed
+        main = self.topology.queue(self._parking_of(queue)).main
+        async with ParkingLot(self.settings, main, broker=self.memory) as lot:
+            replaying = asyncio.ensure_future(lot.replay())
+            while not replaying.done():  # deliveries wait for a run: drive them meanwhile
+                await self.memory.run_until_idle()
+            return replaying.result().replayed
 
     def _parking_of(self, queue: str) -> str:
         planned = self.topology.queue(queue)
@@ -323,4 +287,4 @@ class TestBroker:
         return parking_queue_name(planned.main)
 
 
-__all__ = ["JobOutcome", "MemoryChannel", "Outcome", "TestBroker"]
+__all__ = ["JobOutcome", "Outcome", "TestBroker"]

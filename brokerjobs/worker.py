@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from brokerjobs.consumer import QueueConsumer, build_consumer
 from brokerjobs.errors import ConfigError, ConnectionLost
 from brokerjobs.executors import Executors
 from brokerjobs.health import HealthServer
-from brokerjobs.middleware import Pipeline
+from brokerjobs.middleware import Middleware, Pipeline
 from brokerjobs.provision import declare
 from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings, load_settings
@@ -87,8 +87,12 @@ class Worker:
         queues: Iterable[str] | None = None,
         telemetry: Telemetry | None = None,
         broker: Broker | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
+        """``broker`` defaults to RabbitMQ at ``settings.url``; ``middleware`` run after the
+        app's own, around every delivery of this worker."""
         self.app = app
+        self._middleware = tuple(middleware)
         self.settings = settings or load_settings()
         self.broker = broker or default_broker(self.settings)
         self.telemetry = telemetry or Telemetry()
@@ -101,7 +105,7 @@ class Worker:
             self.broker, "worker", self._stop, log=log, stable_after=STABLE_SESSION_S
         )
         self._executors = Executors(self.settings.sync_workers)
-        self._lifecycle = Pipeline(app.middleware)
+        self._lifecycle = Pipeline((*app.middleware, *self._middleware))
         self._announced = False
         self.health_port: int | None = None
         self._last_problems: list[str] = []
@@ -286,7 +290,13 @@ class Worker:
         channel = await session.connection.channel(confirms=True, prefetch=prefetch)
         session.channels.append(channel)
         consumer = build_consumer(
-            self.app, queue, channel, self.settings, self._executors, self.telemetry
+            self.app,
+            queue,
+            channel,
+            self.settings,
+            self._executors,
+            self.telemetry,
+            self._middleware,
         )
         tag = await channel.consume(queue, consumer.on_delivery)
         session.consumers.append((channel, tag, consumer))

@@ -283,7 +283,7 @@ async def test_sync_handlers_run_in_the_thread_pool_with_the_job_context() -> No
         await broker.run_until_idle()
 
     [(thread, attempt)] = seen
-    assert thread.startswith("bj-test") and attempt == 1
+    assert thread.startswith("bj-sync") and attempt == 1  # the worker's own thread pool
 
 
 async def test_a_handler_past_its_timeout_is_retried_as_a_timeout() -> None:

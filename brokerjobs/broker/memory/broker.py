@@ -42,9 +42,14 @@ class CallbackFailed(BrokerJobsError):
 class MemoryBroker:
     """A ``Broker`` in this process; see the module docstring for what it plays."""
 
-    def __init__(self, *, server_version: Sequence[int] = DEFAULT_VERSION) -> None:
+    def __init__(
+        self, *, server_version: Sequence[int] = DEFAULT_VERSION, deliver_when_run: bool = False
+    ) -> None:
+        """``deliver_when_run``: messages wait until ``run_until_idle`` or ``advance`` hands
+        them to consumers (as TestBroker does); by default they are delivered at once."""
         self.clock = VirtualClock()
         self._core = Core(self.clock, tuple(server_version))
+        self._core.hold = deliver_when_run
         self.connections: list[MemoryConnection] = []
         self.unreachable = False  # True: connect raises BrokerUnreachable
 
@@ -130,7 +135,7 @@ class MemoryBroker:
         deadline = asyncio.get_running_loop().time() + stuck_after
         quiet = 0
         while quiet < QUIET_TICKS:
-            self._core.dispatch()
+            self._core.dispatch(driven=True)
             if self._core.deliveries - start > max_deliveries:
                 raise StillBusy(
                     f"still busy after {max_deliveries} deliveries: does a handler requeue "

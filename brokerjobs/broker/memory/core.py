@@ -34,6 +34,7 @@ class Core:
     """Everything the broker holds, shared by all its connections and channels."""
 
     def __init__(self, clock: VirtualClock, version: tuple[int, ...]) -> None:
+        self.hold = False
         self.clock = clock
         self.version = version
         self.queues: dict[str, MemoryQueue] = {}
@@ -172,8 +173,13 @@ class Core:
         times = (queue.head_expires_at() for queue in self.queues.values())
         return min((at for at in times if at is not None), default=None)
 
-    def dispatch(self) -> int:
-        """Hand every deliverable message to a consumer with credit; how many were handed."""
+    def dispatch(self, *, driven: bool = False) -> int:
+        """Hand every deliverable message to a consumer with credit; how many were handed.
+
+        With ``hold`` set, only a ``driven`` dispatch (``run_until_idle``, ``advance``) hands
+        anything: deliveries happen when a test says so."""
+        if self.hold and not driven:
+            return 0
         self.expire()
         handed = 0
         for queue in list(self.queues.values()):
