@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from brokerjobs import amqp_types as at
 from brokerjobs import amqp_values as av
 from brokerjobs.broker.amqp import connect
 from brokerjobs.envelope import Delivery, OutgoingMessage, copy_of
@@ -108,9 +109,9 @@ async def test_frames_pamqp_cannot_decode_reach_a_consumer_and_the_connection_st
     await channel.consume(queue, on_delivery)
     await asyncio.wait_for(all_in.wait(), 10)
     assert not broker.connection.is_closed and not channel.is_closed
-    assert got[b"microseconds"].timestamp == av.Timestamp(1_700_000_000_000_000)
-    assert got[b"nanoseconds"].timestamp == av.Timestamp(1_700_000_000_000_000_000)
-    assert got[b"negative"].timestamp == av.Timestamp((1 << 64) - 1)
+    assert got[b"microseconds"].timestamp == at.Timestamp(1_700_000_000_000_000)
+    assert got[b"nanoseconds"].timestamp == at.Timestamp(1_700_000_000_000_000_000)
+    assert got[b"negative"].timestamp == at.Timestamp((1 << 64) - 1)
     odd = got[b"not-utf8-id"]
     assert (odd.message_id or "").encode("utf-8", "surrogateescape") == b"\xff\xfe"
     every_type = got[b"every-type"].headers

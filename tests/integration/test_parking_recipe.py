@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from brokerjobs import amqp_values as av
+from brokerjobs import amqp_types as at
 from brokerjobs.broker.amqp.properties import MAX_PROPERTIES_BYTES
 from brokerjobs.broker.amqp.properties import encode_properties as _encode_properties
 from brokerjobs.envelope import Delivery, OutgoingMessage
@@ -53,7 +53,7 @@ def varied(n: int) -> OutgoingMessage:
         headers=every_type_headers(n),
         timestamp=datetime.fromtimestamp(1_700_000_000 + n, UTC)
         if n % 2
-        else av.Timestamp(n << 50),
+        else at.Timestamp(n << 50),
         content_encoding="identity",
         delivery_mode=(None, 1, 2)[n % 3],
         correlation_id=f"corr-{n}",

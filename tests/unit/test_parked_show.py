@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
-from brokerjobs.amqp_values import Int8, LongString, Timestamp
+from brokerjobs.amqp_types import Int8, LongString, Timestamp
 from brokerjobs.envelope import Delivery
 from brokerjobs.parking import ParkedJob
 from brokerjobs.parking_cli import _table, render_job, utc_text
