@@ -13,7 +13,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from brokerjobs import App, RetryPolicy
-from brokerjobs.parking import ParkingLot, Selection
+from brokerjobs.parked import Selection
+from brokerjobs.parking import ParkingLot
 from examples.thumbnails.api import create_api
 from examples.thumbnails.worker import Simulation, create_app, images_queue
 from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from brokerjobs import App, PermanentFailure, Publisher, job
 from brokerjobs import envelope as wire
-from brokerjobs.parking import ParkingLot, Selection
+from brokerjobs.parked import Selection
+from brokerjobs.parking import ParkingLot
 from brokerjobs.provision import declare
 from tests.support.broker import (
     TEST_URL,

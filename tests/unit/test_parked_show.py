@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from brokerjobs.amqp_types import Int8, LongString, Timestamp
 from brokerjobs.envelope import Delivery
-from brokerjobs.parking import ParkedJob
+from brokerjobs.parked import ParkedJob
 from brokerjobs.parking_cli import _table, render_job, utc_text
 
 TRACEBACK = 'Traceback (most recent call last):\n  File "jobs.py", line 3\nValueError: bad'
