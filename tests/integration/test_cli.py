@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.broker import TEST_URL
+from tests.support.broker import TEST_URL, Broker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ async def test_topology_show_prints_the_plan() -> None:
     assert "x-dead-letter-routing-key='demo.images.parked'" in result.stdout
 
 
-async def test_scheduler_command_publishes_ticks_and_stops_on_sigterm(broker) -> None:
+async def test_scheduler_command_publishes_ticks_and_stops_on_sigterm(broker: Broker) -> None:
     import signal
 
     from tests.support.broker import unique, wait_for

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiormq
 import pytest
@@ -50,8 +51,13 @@ def body(n: int, fail: bool = False, payload: object = None) -> bytes:
     return json.dumps({"n": n, "fail": fail, "payload": payload}).encode()
 
 
-def message(data: bytes, job_name: str | None = JOB_NAME, **kw: object) -> OutgoingMessage:
-    out = OutgoingMessage(data, new_job_id(), job_name, 0, dict(kw.pop("headers", {}) or {}))
+def message(
+    data: bytes,
+    job_name: str | None = JOB_NAME,
+    headers: Mapping[str, Any] | None = None,
+    **kw: object,
+) -> OutgoingMessage:
+    out = OutgoingMessage(data, new_job_id(), job_name, 0, dict(headers or {}))
     for key, value in kw.items():
         setattr(out, key, value)
     return out

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from itertools import pairwise
@@ -28,7 +28,7 @@ from brokerjobs import App, job
 from brokerjobs.envelope import Delivery
 from brokerjobs.errors import PublishInterrupted
 from brokerjobs.provision import declare
-from brokerjobs.schedule import merge_state
+from brokerjobs.schedule import CatchUp, merge_state
 from brokerjobs.scheduler import (
     SCHEDULE,
     SCHEDULED_FOR,
@@ -77,11 +77,13 @@ async def running(scheduler: Scheduler) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait_for(task, 15)
 
 
-def alive(*tasks: asyncio.Task[None]) -> None:
+def alive(*tasks: asyncio.Task[None]) -> bool:
+    """False (so ``alive(task) or condition`` waits on the condition); raises if a task ended."""
     for task in tasks:
         if task.done():
             task.result()  # raise what stopped it
             raise AssertionError("a scheduler stopped by itself")
+    return False
 
 
 def tick_of(delivery: Delivery) -> datetime:
@@ -103,7 +105,7 @@ def assert_job_ids(deliveries: list[Delivery], exchange: str, schedule: str) -> 
 
 
 @pytest.mark.slow
-async def test_two_schedulers_publish_each_tick_exactly_once(broker: Broker):
+async def test_two_schedulers_publish_each_tick_exactly_once(broker: Broker) -> None:
     app = beat_app("sched2", broker)
     app.schedule(lambda at: Beat(at=at), every=1, name="beat")
     a, b = Scheduler(app, make_settings()), Scheduler(app, make_settings())
@@ -127,7 +129,7 @@ async def test_two_schedulers_publish_each_tick_exactly_once(broker: Broker):
 
 
 @pytest.mark.slow
-async def test_a_stopped_leader_hands_over_without_gap_or_duplicate(broker: Broker):
+async def test_a_stopped_leader_hands_over_without_gap_or_duplicate(broker: Broker) -> None:
     app = beat_app("schedstop", broker)
     app.schedule(lambda at: Beat(at=at), every=1, name="beat")
     a, b = Scheduler(app, make_settings()), Scheduler(app, make_settings())
@@ -162,14 +164,14 @@ async def _standby_seen(broker: Broker, app: App) -> bool:
 
 
 @pytest.mark.slow
-async def test_missed_ticks_after_downtime_follow_each_catch_up_rule(broker: Broker):
+async def test_missed_ticks_after_downtime_follow_each_catch_up_rule(broker: Broker) -> None:
     """Frozen clocks make the downtime exact: stopped with every tick up to x done, the next
     leader wakes at x + 3.7 s, so x+1..x+3 are all missed (grace 0.5 s) and none is on time."""
     app = beat_app("schedcatch", broker)
-    modes = ("all", "latest", "none")
+    modes: tuple[CatchUp, ...] = ("all", "latest", "none")
     for mode in modes:
-        beat = partial(Beat, mode=mode)
-        app.schedule(lambda at, b=beat: b(at=at), every=1, name=mode, catch_up=mode, grace=0.5)
+        make = partial(Beat, mode=mode)
+        app.schedule(lambda at, b=make: b(at=at), every=1, name=mode, catch_up=mode, grace=0.5)
     x = datetime.now(UTC).replace(microsecond=0)
     first = Scheduler(app, make_settings(), clock=lambda: x + timedelta(seconds=0.2))
     async with running(first) as task:
@@ -233,7 +235,7 @@ async def _tokens_ready(broker: Broker, queue: str) -> bool:
 @pytest.mark.slow
 async def test_a_crash_between_publishing_a_tick_and_recording_it_repeats_that_tick(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
-):
+) -> None:
     """The documented duplicate: the job is confirmed, then the connection dies before the new
     token is; the next leader publishes the same tick again, with the same job id."""
     app = beat_app("schedcrash", broker)
@@ -262,7 +264,7 @@ async def test_a_crash_between_publishing_a_tick_and_recording_it_repeats_that_t
     assert_job_ids(jobs, app.exchange, "beat")  # so both copies carry one id
 
 
-async def test_the_token_is_refreshed_and_stays_single(broker: Broker):
+async def test_the_token_is_refreshed_and_stays_single(broker: Broker) -> None:
     app = beat_app("schedrefresh", broker)
     app.schedule(lambda: Beat(at=datetime.now(UTC)), every=3600, name="hourly")
     scheduler = Scheduler(app, make_settings(), refresh_interval=0.1)
@@ -306,9 +308,11 @@ class SchedulerProcess:
     def log(self) -> str:
         return self.output.read_text(errors="replace")[-4000:]
 
-    def check(self) -> None:
+    def check(self) -> bool:
+        """False (for ``check() or condition``); raises if the process has exited."""
         if self.proc.poll() is not None:
             raise AssertionError(f"scheduler exited with {self.proc.returncode}:\n{self.log()}")
+        return False
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -348,7 +352,9 @@ class Received:
     def by(self, pid: int) -> list[tuple[Delivery, Tick, float]]:
         return [job for job in self.jobs if job[1].pid == pid]
 
-    def until(self, condition: Callable[[], bool], *processes: SchedulerProcess):
+    def until(
+        self, condition: Callable[[], bool], *processes: SchedulerProcess
+    ) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
             for process in processes:
                 process.check()
@@ -359,7 +365,9 @@ class Received:
 
 
 @pytest.mark.slow
-async def test_a_killed_leader_process_hands_over_to_the_other(broker: Broker, tmp_path: Path):
+async def test_a_killed_leader_process_hands_over_to_the_other(
+    broker: Broker, tmp_path: Path
+) -> None:
     name = unique("schedkill")
     app = build_app(name, 1.0)
     broker.track(app)

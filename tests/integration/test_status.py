@@ -34,7 +34,9 @@ class Recording:
         return await self.inner.get(job_id)
 
 
-async def test_progress_and_the_final_result_are_visible_through_the_tracker(broker: Broker):
+async def test_progress_and_the_final_result_are_visible_through_the_tracker(
+    broker: Broker,
+) -> None:
     app = App(unique("status"), track_status=True)
     step = asyncio.Event()
 

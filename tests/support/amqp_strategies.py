@@ -6,14 +6,16 @@ import random
 import string
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
 from brokerjobs import amqp_types as at
 from brokerjobs.envelope import OutgoingMessage
 
-_INT_RANGES = {
+T = TypeVar("T")
+
+_INT_RANGES: dict[type[at.TypedInt], tuple[int, int]] = {
     at.Int8: (-(1 << 7), (1 << 7) - 1),
     at.UInt8: (0, (1 << 8) - 1),
     at.Int16: (-(1 << 15), (1 << 15) - 1),
@@ -66,7 +68,10 @@ short_strings = st.one_of(
 def messages(draw: st.DrawFn, user_id: str | None = "guest") -> OutgoingMessage:
     """An original message with every property drawn, absent or present (user_id: the broker
     accepts only the publishing connection's user)."""
-    maybe = lambda strategy: draw(st.none() | strategy)  # noqa: E731
+
+    def maybe(strategy: st.SearchStrategy[T]) -> T | None:
+        return draw(st.none() | strategy)
+
     return OutgoingMessage(
         body=draw(st.binary(max_size=200)),
         message_id=draw(st.text(string.hexdigits, min_size=1, max_size=40)),

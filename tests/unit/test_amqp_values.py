@@ -45,13 +45,14 @@ def test_no_bytes_make_the_property_decoder_raise(data: bytes) -> None:
 def test_every_property_list_survives_the_content_header_decoder(
     headers: dict[str, Any], text: str, stamp: int
 ) -> None:
-    values = {name: text for name in ALL}
+    values: dict[str, Any] = {name: text for name in ALL}
     values.update(headers=headers or None, delivery_mode=2, priority=0, timestamp=stamp)
     frame = struct.pack(">HHQ", 60, 0, 5) + property_list(**values)
     header = transport.decode_content_header(frame)
     properties = header.properties
     assert header.body_size == 5
     assert properties.message_type == properties.message_id == text
+    assert properties.timestamp is not None
     assert at.timestamp_seconds(properties.timestamp) == stamp
     assert av.encode_table(properties.headers or {}) == av.encode_table(headers)
 
@@ -109,7 +110,7 @@ def test_every_type_table_round_trips() -> None:
 
 def test_undecodable_property_lists_degrade_to_their_raw_bytes() -> None:
     unknown_type = struct.pack(">H", 0x2000) + b"\x00\x00\x00\x03\x01kU"
-    deep = {"k": []}
+    deep: dict[str, list[Any]] = {"k": []}
     cursor = deep["k"]
     for _ in range(av.MAX_DEPTH + 5):
         cursor.append([])
