@@ -27,7 +27,9 @@ from pydantic import BaseModel
 from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job, job
 from brokerjobs.broker.amqp import connect
 from brokerjobs.topology import QueuePlan
-from tests.support.cluster import ClusterError, Node, RabbitCluster, running_cluster
+from tests.support import cluster_queries
+from tests.support.cluster import Node, RabbitCluster, running_cluster
+from tests.support.cluster_processes import ClusterError
 
 JOBS = 1000
 RESTART_AFTER_S = 10.0
@@ -52,7 +54,7 @@ def build_app(name: str, done: collections.Counter[str]) -> App:
 
 async def sample(cluster: RabbitCluster, queues: list[str], via: Node) -> dict[str, Any]:
     try:
-        return await asyncio.to_thread(cluster.queue_counters, queues, via)
+        return await asyncio.to_thread(cluster_queries.queue_counters, cluster, queues, via)
     except ClusterError as exc:
         return {"error": str(exc)[:120]}
 
@@ -83,7 +85,10 @@ async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -
     try:
         while not worker.ready:  # noqa: ASYNC110 (a property, no event to wait on)
             await asyncio.sleep(0.05)
-        placed = {q: (await asyncio.to_thread(cluster.leader, q, others[0])).name for q in queues}
+        placed = {
+            q: (await asyncio.to_thread(cluster_queries.leader, cluster, q, others[0])).name
+            for q in queues
+        }
         publisher_urls = ",".join(n.url for n in [*others, leader])
         async with Publisher(Settings(url=publisher_urls), exchange=app.exchange) as publisher:
             for start in range(0, JOBS, 50):
@@ -115,7 +120,9 @@ async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -
             await asyncio.wait_for(running, 30)
         if not leader.is_running():
             await asyncio.to_thread(cluster.restart, leader)
-        await asyncio.to_thread(cluster.wait_caught_up, queues, cluster.nodes[0], 120)
+        await asyncio.to_thread(
+            cluster_queries.wait_caught_up, cluster, queues, cluster.nodes[0], 120
+        )
 
 
 async def watch(cluster: RabbitCluster, worker: Worker, done: collections.Counter[str],

@@ -37,7 +37,10 @@ from pydantic import BaseModel
 from brokerjobs import App, Publisher, PublishError, RetryPolicy, Settings, Worker, current_job, job
 from brokerjobs.broker.amqp import connect
 from brokerjobs.topology import TopologyPlan
-from tests.support.cluster import ClusterError, FailoverProxy, Node, RabbitCluster
+from tests.support import cluster_queries
+from tests.support.cluster import Node, RabbitCluster
+from tests.support.cluster_processes import ClusterError
+from tests.support.failover_proxy import FailoverProxy
 
 pytestmark = pytest.mark.slow
 
@@ -172,11 +175,13 @@ async def held_in_dead_letter_state(
     held = 0
     with contextlib.suppress(ClusterError):
         names = [q.name for q in topology.queues]
-        counters = await asyncio.to_thread(cluster.queue_counters, names, via)
+        counters = await asyncio.to_thread(cluster_queries.queue_counters, cluster, names, via)
         note(f"broker counters (stats sees messages_ready only): {counters}")
     for queue in topology.queues:
         with contextlib.suppress(ClusterError):
-            overview = await asyncio.to_thread(cluster.fifo_overview, queue.name, via)
+            overview = await asyncio.to_thread(
+                cluster_queries.fifo_overview, cluster, queue.name, via
+            )
             note(f"{queue.name}: {overview}")
             if queue.role == "retry":
                 held += overview.get("num_discarded", 0) + overview.get(
@@ -245,7 +250,7 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
         await wait_until(lambda: worker.ready or worker_task.done(), 30, "the worker to be ready")
         if worker_task.done():
             worker_task.result()
-        first_leader = await asyncio.to_thread(cluster.leader, main, b)
+        first_leader = await asyncio.to_thread(cluster_queries.leader, cluster, main, b)
         note(f"worker ready on {a.nodename}; {main} leader {first_leader.nodename}")
 
         async with Publisher(settings(publisher_proxy.url), exchange=app.exchange) as publisher:
@@ -260,11 +265,11 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
             await asyncio.sleep(2)
             await asyncio.to_thread(cluster.restart, b)
             note(f"restarted {b.nodename}")
-            await asyncio.to_thread(cluster.wait_caught_up, all_queues, a)
+            await asyncio.to_thread(cluster_queries.wait_caught_up, cluster, all_queues, a)
             note(f"all quorum members caught up ({len(tally.confirmed)} confirmed)")
 
             # Fault 2: SIGKILL the main queue's leader while jobs are still being published.
-            leader = await asyncio.to_thread(cluster.leader, main, c)
+            leader = await asyncio.to_thread(cluster_queries.leader, cluster, main, c)
             tally.allow(1600)
             await wait_until(lambda: len(tally.confirmed) >= 1300 or publishing.done(), 60, "1300")
             note(f"SIGKILL leader {leader.nodename} at {len(tally.confirmed)} confirmed")
@@ -297,7 +302,9 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
                 held_before_heal = len(tally.confirmed - tally.processed)
                 note(f"{held_before_heal} still missing: restarting {leader.nodename}")
                 await asyncio.to_thread(cluster.restart, leader)
-                await asyncio.to_thread(cluster.wait_caught_up, all_queues, survivor)
+                await asyncio.to_thread(
+                    cluster_queries.wait_caught_up, cluster, all_queues, survivor
+                )
                 with contextlib.suppress(AssertionError):
                     await wait_until(lambda: tally.confirmed <= tally.processed, 60, "heal")
                 note(f"after the heal: {len(tally.confirmed - tally.processed)} missing")
@@ -305,7 +312,7 @@ async def test_no_confirmed_job_is_lost_when_a_node_and_then_the_leader_are_kill
         if worker_task.done():
             worker_task.result()
         depths = await queue_depths(survivor.url, all_queues)
-        new_leader = await asyncio.to_thread(cluster.leader, main, survivor)
+        new_leader = await asyncio.to_thread(cluster_queries.leader, cluster, main, survivor)
         note(f"done; {main} leader now {new_leader.nodename}; depths {depths}")
     finally:
         reporter.cancel()
