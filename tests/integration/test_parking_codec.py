@@ -88,18 +88,7 @@ async def test_frames_pamqp_cannot_decode_reach_a_consumer_and_the_connection_st
     broker.track_queue(queue)
     channel = await broker.fresh_channel()
     await channel.declare_queue(queue, {})
-    raw = await aiormq.connect(TEST_URL)
-    try:
-        raw_channel = await raw.channel()
-        for name, blob in [*RAW_CASES.items(), ("good", struct.pack(">H", 0))]:
-            await raw_channel.basic_publish(
-                name.encode(),
-                routing_key=queue,
-                # Duck-typed: aiormq only reads message_id and calls marshal().
-                properties=RawProperties(blob, name),  # type: ignore[arg-type]
-            )
-    finally:
-        await raw.close()
+    await publish_raw(queue, [*RAW_CASES.items(), ("good", struct.pack(">H", 0))])
 
     got: dict[bytes, Delivery] = {}
     all_in = asyncio.Event()
@@ -124,6 +113,23 @@ async def test_frames_pamqp_cannot_decode_reach_a_consumer_and_the_connection_st
         assert av.encode_table(every_type) == EVERY_TYPE  # byte for byte
     degraded = got[b"too-deep"].headers
     assert degraded == {av.RAW_PROPERTIES: RAW_CASES["too-deep"]}  # kept, not lost
+
+
+async def publish_raw(queue: str, cases: list[tuple[str, bytes]]) -> None:
+    """Each case's name as the body, its bytes as the content header's property list."""
+    raw = await aiormq.connect(TEST_URL)
+    try:
+        raw_channel = await raw.channel()
+        for name, blob in cases:
+            # Duck-typed: aiormq only reads message_id and calls marshal().
+            properties = RawProperties(blob, name)
+            await raw_channel.basic_publish(
+                name.encode(),
+                routing_key=queue,
+                properties=properties,  # type: ignore[arg-type]
+            )
+    finally:
+        await raw.close()
 
 
 async def test_the_broker_refuses_another_user_id_so_copies_carry_it_in_a_header(
