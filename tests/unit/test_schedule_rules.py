@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from brokerjobs import App, ConfigError, job
 from brokerjobs.errors import JobDefinitionError
 from brokerjobs.scheduler import (
+    CatchUp,
     Cron,
     Every,
     TickPlan,
@@ -83,62 +84,65 @@ def test_interval_ticks_are_anchored_to_the_epoch_and_never_drift() -> None:
 GRACE = timedelta(seconds=30)
 
 
+# case, rule, done through, now, catch_up, the ticks to publish, the ticks skipped
+PLAN_CASES = [
+    # on time: the tick the leader woke up for, in every mode
+    ("on time", SEC, "12:00:04", "12:00:05.01", "latest", ["12:00:05"], None),
+    ("on time", SEC, "12:00:04", "12:00:05.01", "none", ["12:00:05"], None),
+    ("on time", SEC, "12:00:04", "12:00:05.01", "all", ["12:00:05"], None),
+    ("early wake", SEC, "12:00:04", "12:00:04.999", "latest", [], None),
+    ("nothing new", SEC, "12:00:05", "12:00:05.5", "all", [], None),
+    ("clock behind state", SEC, "12:00:09", "12:00:05", "all", [], None),
+    # a short handover: every late tick is within grace, none is skipped
+    ("handover", SEC, "12:00:04", "12:00:07.2", "latest",
+     ["12:00:05", "12:00:06", "12:00:07"], None),
+    ("handover", SEC, "12:00:04", "12:00:07.2", "none",
+     ["12:00:05", "12:00:06", "12:00:07"], None),
+    # down for hours: only ticks more than `grace` late count as missed
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "latest", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "latest", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "none", [], ("09:05:00", "12:00:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "latest", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "none", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "none", [], ("09:05:00", "12:00:00")),
+    ("downtime", FIVE_MIN, "11:40:00", "12:03:00", "all",
+     ["11:45:00", "11:50:00", "11:55:00", "12:00:00"], None),
+    ("latest + on time", FIVE_MIN, "11:00:00", "12:00:10", "latest", ["12:00:00"],
+     ("11:05:00", "11:55:00")),
+    ("latest + on time", SEC, "12:00:00", "12:01:00.5", "latest",
+     [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
+    ("none, all late", SEC, "12:00:00", "12:01:00.5", "none",
+     [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
+    # `all` is bounded: the most recent 100 ticks
+    ("all, bounded", SEC, "11:00:00", "12:00:00", "all",
+     [(t("11:58:21") + timedelta(seconds=s)).strftime("%H:%M:%S") for s in range(100)],
+     ("11:00:01", "11:58:20")),
+    ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 03:00:01", "latest",
+     ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
+    ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "latest",
+     ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
+    ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "all",
+     ["2024-01-02 03:00:00", "2024-01-03 03:00:00"], None),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("case", "rule", "done", "now", "catch_up", "ticks", "skipped"),
-    [
-        # on time: the tick the leader woke up for, in every mode
-        ("on time", SEC, "12:00:04", "12:00:05.01", "latest", ["12:00:05"], None),
-        ("on time", SEC, "12:00:04", "12:00:05.01", "none", ["12:00:05"], None),
-        ("on time", SEC, "12:00:04", "12:00:05.01", "all", ["12:00:05"], None),
-        ("early wake", SEC, "12:00:04", "12:00:04.999", "latest", [], None),
-        ("nothing new", SEC, "12:00:05", "12:00:05.5", "all", [], None),
-        ("clock behind state", SEC, "12:00:09", "12:00:05", "all", [], None),
-        # a short handover: every late tick is within grace, none is skipped
-        ("handover", SEC, "12:00:04", "12:00:07.2", "latest",
-         ["12:00:05", "12:00:06", "12:00:07"], None),
-        ("handover", SEC, "12:00:04", "12:00:07.2", "none",
-         ["12:00:05", "12:00:06", "12:00:07"], None),
-        # down for hours: only ticks more than `grace` late count as missed
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "latest", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "latest", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "none", [], ("09:05:00", "12:00:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "latest", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "none", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "none", [], ("09:05:00", "12:00:00")),
-        ("downtime", FIVE_MIN, "11:40:00", "12:03:00", "all",
-         ["11:45:00", "11:50:00", "11:55:00", "12:00:00"], None),
-        ("latest + on time", FIVE_MIN, "11:00:00", "12:00:10", "latest", ["12:00:00"],
-         ("11:05:00", "11:55:00")),
-        ("latest + on time", SEC, "12:00:00", "12:01:00.5", "latest",
-         [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
-        ("none, all late", SEC, "12:00:00", "12:01:00.5", "none",
-         [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
-        # `all` is bounded: the most recent 100 ticks
-        ("all, bounded", SEC, "11:00:00", "12:00:00", "all",
-         [(t("11:58:21") + timedelta(seconds=s)).strftime("%H:%M:%S") for s in range(100)],
-         ("11:00:01", "11:58:20")),
-        ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 03:00:01", "latest",
-         ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
-        ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "latest",
-         ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
-        ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "all",
-         ["2024-01-02 03:00:00", "2024-01-03 03:00:00"], None),
-    ],
-)  # fmt: skip
+    ("case", "rule", "done", "now", "catch_up", "ticks", "skipped"), PLAN_CASES
+)
 def test_plan_publishes_on_time_ticks_and_applies_catch_up_to_missed_ones(
     case: str,
     rule: Every | Cron,
     done: str,
     now: str,
-    catch_up: str,
+    catch_up: CatchUp,
     ticks: list[str],
     skipped: tuple[str, str] | None,
 ) -> None:
-    plan = plan_ticks(rule, t(done), t(now), catch_up, GRACE)  # type: ignore[arg-type]
+    plan = plan_ticks(rule, t(done), t(now), catch_up, GRACE)
     assert [x.isoformat() for x in plan.ticks] == [t(x).isoformat() for x in ticks], case
     assert plan.skipped == (None if skipped is None else (t(skipped[0]), t(skipped[1]))), case
     assert plan.done_through == max(t(done), at_or_before(rule, t(now))), case
