@@ -69,6 +69,31 @@ async def lead_from(node: Node, queue: QueuePlan) -> None:
         await connection.close()
 
 
+async def leaders(cluster: RabbitCluster, queues: list[str], via: Node) -> dict[str, str]:
+    """Each queue's leader node, by name."""
+    return {
+        q: (await asyncio.to_thread(cluster_queries.leader, cluster, q, via)).name for q in queues
+    }
+
+
+async def publish_killing(
+    cluster: RabbitCluster, app: App, leader: Node, others: list[Node], confirmed: set[str]
+) -> float:
+    """Publish JOBS in batches of 50 (confirmed ids into ``confirmed``), SIGKILLing ``leader``
+    after the batch from 300; returns when it was killed."""
+    publisher_urls = ",".join(n.url for n in [*others, leader])
+    async with Publisher(Settings(url=publisher_urls), exchange=app.exchange) as publisher:
+        for start in range(0, JOBS, 50):
+            confirmed.update(
+                await publisher.publish_many(Work(n=n) for n in range(start, start + 50))
+            )
+            await asyncio.sleep(0.3)
+            if start == 300:
+                await asyncio.to_thread(cluster.kill, leader)
+                killed = time.monotonic()
+    return killed
+
+
 async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -> dict[str, Any]:
     leader = cluster.nodes[index % 3]
     others = [n for n in cluster.nodes if n is not leader]
@@ -85,33 +110,10 @@ async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -
     try:
         while not worker.ready:  # noqa: ASYNC110 (a property, no event to wait on)
             await asyncio.sleep(0.05)
-        placed = {
-            q: (await asyncio.to_thread(cluster_queries.leader, cluster, q, others[0])).name
-            for q in queues
-        }
-        publisher_urls = ",".join(n.url for n in [*others, leader])
-        async with Publisher(Settings(url=publisher_urls), exchange=app.exchange) as publisher:
-            for start in range(0, JOBS, 50):
-                confirmed.update(
-                    await publisher.publish_many(Work(n=n) for n in range(start, start + 50))
-                )
-                await asyncio.sleep(0.3)
-                if start == 300:
-                    await asyncio.to_thread(cluster.kill, leader)
-                    killed = time.monotonic()
-        result = await watch(
-            cluster,
-            worker,
-            done,
-            confirmed,
-            queues,
-            retry,
-            others[0],
-            killed,
-            leader,
-            cap,
-            timeline,
-        )
+        placed = await leaders(cluster, queues, others[0])
+        killed = await publish_killing(cluster, app, leader, others, confirmed)
+        result = await watch(cluster, worker, done, confirmed, queues, retry, others[0], killed,
+                             leader, cap, timeline)  # fmt: skip
         result.update(run=index, leader=leader.name, placed=placed)
         return result
     finally:
