@@ -122,7 +122,9 @@ async def test_a_crash_between_the_retry_publish_and_the_ack_loses_nothing(
     crashed = asyncio.Event()
 
     # Simulate the crash: the retry copy is confirmed, then the channel dies before the ack.
-    async def publish_then_die(self, message, exchange, routing_key):  # type: ignore[no-untyped-def]
+    async def publish_then_die(
+        self: Channel, message: wire.OutgoingMessage, exchange: str, routing_key: str
+    ) -> None:
         await real_publish(self, message, exchange, routing_key)
         if not crashed.is_set():
             crashed.set()
