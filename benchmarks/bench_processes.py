@@ -45,6 +45,7 @@ def build_app(name: str) -> App:
 
 
 app = build_app(os.environ.get("BJPROC_NAME", "bjbench.proc.default"))
+WORKER_TARGET = "benchmarks.bench_processes:app"
 
 
 async def drain_rate(processes: int, jobs: int) -> float:
@@ -61,13 +62,7 @@ async def drain_rate(processes: int, jobs: int) -> float:
             await publisher.publish_many(ProcJob(n=i, text="x" * 64) for i in range(jobs))
         env = {**os.environ, "BJPROC_NAME": name, "BROKERJOBS_URL": URL, "PYTHONPATH": str(ROOT)}
         env["BROKERJOBS_LOG_LEVEL"] = "WARNING"
-        command = [
-            sys.executable,
-            "-m",
-            "brokerjobs.cli",
-            "worker",
-            "benchmarks.bench_processes:app",
-        ]
+        command = [sys.executable, "-m", "brokerjobs.cli", "worker", WORKER_TARGET]
         worker = await asyncio.create_subprocess_exec(
             *command, "--processes", str(processes), cwd=ROOT, env=env
         )

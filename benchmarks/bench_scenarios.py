@@ -154,8 +154,7 @@ async def replay(bench: Bench, arm: str) -> Result:
     return result
 
 
-@scenario(
-    "retry",
+_RETRY_METRICS = (
     Metric("drain_ms", "drain {retry_jobs} jobs (wall time)", "ms", False),
     Metric(
         "per_job_ms",
@@ -182,21 +181,24 @@ async def replay(bench: Bench, arm: str) -> Result:
         value_name="retry_hop_paced_ms",
     ),
     Metric("paced_hop_p99_ms", "retry hop p99, paced", "ms", False),
-    arms=(
-        Arm("ok", "all succeed", "Worker as above draining the jobs; every job succeeds"),
-        Arm(
-            "fail",
-            "fail once",
-            "the same, but each job's first attempt raises: the worker republishes it with "
-            f"confirm to the retry tier (RetryPolicy(delays=({RETRY_DELAY_S:g},), "
-            "max_attempts=2)), then acks it; the broker dead-letters it back to the main queue "
-            f"after {RETRY_DELAY_S * 1000:g} ms and the second attempt succeeds. Hop = second "
-            "attempt's start - first attempt's raise - the tier delay, in the handler. Paced: "
-            "one process publishing jobs at the rate to a running Worker, each failing once "
-            "(no backlog: the hop without queueing)",
-        ),
+)
+_RETRY_ARMS = (
+    Arm("ok", "all succeed", "Worker as above draining the jobs; every job succeeds"),
+    Arm(
+        "fail",
+        "fail once",
+        "the same, but each job's first attempt raises: the worker republishes it with "
+        f"confirm to the retry tier (RetryPolicy(delays=({RETRY_DELAY_S:g},), "
+        "max_attempts=2)), then acks it; the broker dead-letters it back to the main queue "
+        f"after {RETRY_DELAY_S * 1000:g} ms and the second attempt succeeds. Hop = second "
+        "attempt's start - first attempt's raise - the tier delay, in the handler. Paced: "
+        "one process publishing jobs at the rate to a running Worker, each failing once "
+        "(no backlog: the hop without queueing)",
     ),
 )
+
+
+@scenario("retry", *_RETRY_METRICS, arms=_RETRY_ARMS)
 async def retry(bench: Bench, arm: str) -> Result:
     admin, jobs = bench.admin, bench.retry_jobs
     await admin.purge()

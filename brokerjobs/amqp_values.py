@@ -26,6 +26,7 @@ Short strings (properties, table keys) that are not UTF-8 decode with ``surrogat
 encode back to the same bytes. A property list that still cannot be decoded (it cannot come
 from RabbitMQ, which parses every header table on publish) becomes a single header
 ``bj-raw-properties`` holding its bytes, so nothing is lost and nothing raises.
+The value types live in ``amqp_types``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,39 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any
+
+from brokerjobs.amqp_types import (
+    INT_TYPES,
+    Float32,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    LongString,
+    Timestamp,
+    TypedInt,
+    UInt16,
+    UInt32,
+    UnencodableError,
+    timestamp_seconds,
+    timestamp_value,
+)
+
+__all__ = [  # UnencodableError, Timestamp: still imported from here by broker.amqp, parking_cli
+    "MAX_DEPTH",
+    "PROPERTY_NAMES",
+    "RAW_PROPERTIES",
+    "Timestamp",
+    "UnencodableError",
+    "decode_properties",
+    "decode_table",
+    "encode_properties",
+    "encode_table",
+    "encode_value",
+]
 
 RAW_PROPERTIES = "bj-raw-properties"
 MAX_DEPTH = 100  # nested tables/arrays; deeper ones are undecodable (no recursion blow-up)
@@ -46,8 +77,6 @@ PROPERTY_NAMES = (
 )  # fmt: skip
 _FLAGS = {name: 1 << (15 - i) for i, name in enumerate(PROPERTY_NAMES)}
 _OCTETS = frozenset({"delivery_mode", "priority"})
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_DATETIME_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second datetime holds
 _U8, _U16, _U32, _I32, _U64 = (struct.Struct(f">{c}") for c in "BHIiQ")
 _DECIMAL = struct.Struct(">Bi")
 _F32, _F64 = struct.Struct(">f"), struct.Struct(">d")
@@ -55,122 +84,6 @@ _F32, _F64 = struct.Struct(">f"), struct.Struct(">d")
 
 class UndecodableError(ValueError):
     """Internal: the bytes are not a valid AMQP value."""
-
-
-class UnencodableError(TypeError):
-    """A value that AMQP cannot carry (an unsupported type, or out of its type's range)."""
-
-
-class TypedInt(int):
-    """An integer that keeps its AMQP field type."""
-
-    __slots__ = ()
-    tag: ClassVar[bytes]
-    packer: ClassVar[struct.Struct]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({int(self)})"
-
-
-class Int8(TypedInt):
-    __slots__ = ()
-    tag, packer = b"b", struct.Struct(">b")
-
-
-class UInt8(TypedInt):
-    __slots__ = ()
-    tag, packer = b"B", struct.Struct(">B")
-
-
-class Int16(TypedInt):
-    __slots__ = ()
-    tag, packer = b"s", struct.Struct(">h")
-
-
-class UInt16(TypedInt):
-    __slots__ = ()
-    tag, packer = b"u", struct.Struct(">H")
-
-
-class Int32(TypedInt):
-    __slots__ = ()
-    tag, packer = b"I", struct.Struct(">i")
-
-
-class UInt32(TypedInt):
-    __slots__ = ()
-    tag, packer = b"i", struct.Struct(">I")
-
-
-class Int64(TypedInt):
-    __slots__ = ()
-    tag, packer = b"l", struct.Struct(">q")
-
-
-class Int64L(TypedInt):
-    """``L``: the 0-9-1 grammar's signed 64-bit (most clients write ``l``); RabbitMQ keeps it."""
-
-    __slots__ = ()
-    tag, packer = b"L", struct.Struct(">q")
-
-
-INT_TYPES: dict[bytes, type[TypedInt]] = {
-    t.tag: t for t in (Int8, UInt8, Int16, UInt16, Int32, UInt32, Int64, Int64L)
-}
-
-
-class Float32(float):
-    """A 32-bit AMQP float (``f``), rounded to 32 bits when made; a plain float is sent as a
-    64-bit double (``d``)."""
-
-    __slots__ = ()
-
-    def __new__(cls, value: float = 0.0) -> Float32:
-        try:
-            (rounded,) = _F32.unpack(_F32.pack(value))
-        except (OverflowError, struct.error):
-            raise UnencodableError(f"{value!r} does not fit in a 32-bit float") from None
-        return super().__new__(cls, rounded)
-
-    def __repr__(self) -> str:
-        return f"Float32({float(self)!r})"
-
-
-class LongString(bytes):
-    """An AMQP long string (``S``) whose bytes are not UTF-8; plain bytes go out as ``x``."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return f"LongString({bytes(self)!r})"
-
-
-class Timestamp(int):
-    """An AMQP timestamp (``T``, seconds since the epoch) beyond what ``datetime`` holds."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return f"Timestamp({int(self)})"
-
-
-def timestamp_value(seconds: int) -> datetime | Timestamp:
-    """A wire timestamp as decoded: a UTC datetime if datetime can hold it, else Timestamp."""
-    if seconds <= MAX_DATETIME_SECONDS:
-        return _EPOCH + timedelta(seconds=seconds)
-    return Timestamp(seconds)
-
-
-def timestamp_seconds(value: datetime | int) -> int:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        seconds = int(value.timestamp())
-    else:
-        seconds = int(value)
-    if not 0 <= seconds < 1 << 64:
-        raise UnencodableError(f"timestamp {value!r} is outside 0..2**64-1 seconds")
-    return seconds
 
 
 # -- decoding ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from brokerjobs import amqp_types as at
 from brokerjobs import amqp_values as av
 from brokerjobs.envelope import Delivery
 from brokerjobs.errors import ParkingError
@@ -70,7 +71,7 @@ def _tag(value: Any) -> Any:
             return tagger(value)
     if isinstance(value, Mapping):
         return _TAGGERS[dict](value)
-    raise av.UnencodableError(f"{type(value).__name__} is not an AMQP field type")
+    raise at.UnencodableError(f"{type(value).__name__} is not an AMQP field type")
 
 
 def _b64(value: bytes) -> str:
@@ -81,14 +82,14 @@ _TAGGERS: dict[type, Callable[[Any], Any]] = {
     str: lambda value: value,
     bool: lambda value: value,
     type(None): lambda value: value,
-    av.TypedInt: lambda value: {f"${value.tag.decode()}": int(value)},
-    av.Timestamp: lambda value: {"$T": int(value)},
-    datetime: lambda value: {"$T": av.timestamp_seconds(value)},
+    at.TypedInt: lambda value: {f"${value.tag.decode()}": int(value)},
+    at.Timestamp: lambda value: {"$T": int(value)},
+    datetime: lambda value: {"$T": at.timestamp_seconds(value)},
     int: lambda value: value,
-    av.Float32: lambda value: {"$f": float(value).hex()},
+    at.Float32: lambda value: {"$f": float(value).hex()},
     float: lambda value: {"$d": value.hex()},
     Decimal: lambda value: {"$D": str(value)},
-    av.LongString: lambda value: {"$S": _b64(value)},
+    at.LongString: lambda value: {"$S": _b64(value)},
     bytes: lambda value: {"$x": _b64(value)},
     bytearray: lambda value: {"$x": _b64(value)},
     dict: lambda value: {"$F": {str(k): _tag(v) for k, v in value.items()}},
@@ -106,14 +107,14 @@ def _untag_typed(tag: str, raw: Any) -> Any:
     return decoder(raw)
 
 
-_INTS = {t.tag.decode(): t for t in av.INT_TYPES.values()}
+_INTS = {t.tag.decode(): t for t in at.INT_TYPES.values()}
 _UNTAG: dict[str, Callable[[Any], Any]] = {
-    "f": lambda raw: av.Float32(float.fromhex(raw)),
+    "f": lambda raw: at.Float32(float.fromhex(raw)),
     "d": float.fromhex,
     "D": Decimal,
-    "S": lambda raw: av.LongString(base64.b64decode(raw, validate=True)),
+    "S": lambda raw: at.LongString(base64.b64decode(raw, validate=True)),
     "x": lambda raw: base64.b64decode(raw, validate=True),
-    "T": lambda raw: av.timestamp_value(int(raw)),
+    "T": lambda raw: at.timestamp_value(int(raw)),
     "F": lambda raw: {k: _untag(v) for k, v in raw.items()},
 }
 
@@ -139,9 +140,9 @@ def to_record(delivery: Delivery) -> dict[str, Any]:
     }
     try:
         if properties["timestamp"] is not None:
-            properties["timestamp"] = av.timestamp_seconds(properties["timestamp"])
+            properties["timestamp"] = at.timestamp_seconds(properties["timestamp"])
         headers = {k: _tag(v) for k, v in delivery.headers.items()}
-    except av.UnencodableError as exc:
+    except at.UnencodableError as exc:
         raise ParkingError(f"job {delivery.message_id}: cannot be exported: {exc}") from None
     return {
         "id": delivery.message_id,
@@ -165,7 +166,7 @@ def from_record(record: Mapping[str, Any]) -> Delivery:
         if unknown:
             raise ValueError(f"unknown properties {sorted(unknown)}")
         if "timestamp" in properties:
-            properties["timestamp"] = av.timestamp_value(int(properties["timestamp"]))
+            properties["timestamp"] = at.timestamp_value(int(properties["timestamp"]))
         properties["job_name"] = properties.pop("type", None)
         return Delivery(
             body=base64.b64decode(record["body"], validate=True),

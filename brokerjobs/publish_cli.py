@@ -116,16 +116,15 @@ def payloads_from_file(path: Path) -> list[Payload]:
     return payloads_from_lines(text.splitlines(), str(path))
 
 
-@click.command(
-    "publish",
-    short_help="validate and publish jobs from a shell",
-    epilog=examples(
-        "brokerjobs publish shop.jobs:app email.send "
-        """'{"to": "a@example.com", "subject": "hi"}'""",
-        "brokerjobs publish shop.jobs:app email.send --file jobs.jsonl --priority 5",
-        "jq -c '.[]' jobs.json | brokerjobs publish shop.jobs:app email.send - --delay 10m",
-    ),
+_EXAMPLES = examples(
+    "brokerjobs publish shop.jobs:app email.send "
+    """'{"to": "a@example.com", "subject": "hi"}'""",
+    "brokerjobs publish shop.jobs:app email.send --file jobs.jsonl --priority 5",
+    "jq -c '.[]' jobs.json | brokerjobs publish shop.jobs:app email.send - --delay 10m",
 )
+
+
+@click.command("publish", short_help="validate and publish jobs from a shell", epilog=_EXAMPLES)
 @app_argument
 @click.argument("job", metavar="JOB_NAME", help="the job's name, e.g. email.send")
 @click.argument(

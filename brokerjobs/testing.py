@@ -31,7 +31,8 @@ from brokerjobs.errors import ConfigError
 from brokerjobs.jobs import spec_of
 from brokerjobs.middleware import JobRun, Middleware
 from brokerjobs.outcomes import Outcome
-from brokerjobs.parking import ParkedJob, ParkingLot
+from brokerjobs.parked import ParkedJob
+from brokerjobs.parking import ParkingLot
 from brokerjobs.publisher import Publisher
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from brokerjobs.amqp_values import Timestamp
+from brokerjobs.amqp_types import Timestamp
 
 JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
 UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})

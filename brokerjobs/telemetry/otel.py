@@ -101,16 +101,7 @@ class OtelTelemetry:
     ) -> Iterator[None]:
         """A PRODUCER span around one confirmed publish; injects its context into the headers."""
         destination = f"{exchange}:{routing_key}" if exchange else routing_key
-        attributes: dict[str, Any] = {
-            A_SYSTEM: SYSTEM,
-            A_DESTINATION: destination,
-            A_OPERATION_TYPE: "send",
-            A_OPERATION_NAME: operation,
-            A_ROUTING_KEY: routing_key,
-            A_MESSAGE_ID: message.message_id,
-            A_JOB: message.job_name or routing_key,
-            A_ATTEMPT: wire.header_int(message.headers, wire.ATTEMPT, 1),
-        }
+        attributes = _send_attributes(message, destination, routing_key, operation)
         span_links = _links(links) if links else ()
         started = time.perf_counter()
         error: str | None = None
@@ -275,6 +266,21 @@ class SpanProcessing(Processing):
         if error_type:
             self._span.set_attribute(A_ERROR_TYPE, error_type)
             self._span.set_status(Status(StatusCode.ERROR, error_type))
+
+
+def _send_attributes(
+    message: OutgoingMessage, destination: str, routing_key: str, operation: str
+) -> dict[str, Any]:
+    return {
+        A_SYSTEM: SYSTEM,
+        A_DESTINATION: destination,
+        A_OPERATION_TYPE: "send",
+        A_OPERATION_NAME: operation,
+        A_ROUTING_KEY: routing_key,
+        A_MESSAGE_ID: message.message_id,
+        A_JOB: message.job_name or routing_key,
+        A_ATTEMPT: wire.header_int(message.headers, wire.ATTEMPT, 1),
+    }
 
 
 def _metric_attributes(

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import ClusterError, RabbitCluster, running_cluster
+from tests.support.cluster import RabbitCluster, running_cluster
+from tests.support.cluster_processes import ClusterError
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,9 @@ from pydantic import BaseModel
 from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job, job
 from brokerjobs.broker.amqp import connect
 from brokerjobs.topology import QueuePlan
-from tests.support.cluster import ClusterError, Node, RabbitCluster, running_cluster
+from tests.support import cluster_queries
+from tests.support.cluster import Node, RabbitCluster, running_cluster
+from tests.support.cluster_processes import ClusterError
 
 JOBS = 1000
 RESTART_AFTER_S = 10.0
@@ -52,7 +54,7 @@ def build_app(name: str, done: collections.Counter[str]) -> App:
 
 async def sample(cluster: RabbitCluster, queues: list[str], via: Node) -> dict[str, Any]:
     try:
-        return await asyncio.to_thread(cluster.queue_counters, queues, via)
+        return await asyncio.to_thread(cluster_queries.queue_counters, cluster, queues, via)
     except ClusterError as exc:
         return {"error": str(exc)[:120]}
 
@@ -65,6 +67,31 @@ async def lead_from(node: Node, queue: QueuePlan) -> None:
         await (await connection.channel(confirms=False)).declare_queue(queue.name, queue.arguments)
     finally:
         await connection.close()
+
+
+async def leaders(cluster: RabbitCluster, queues: list[str], via: Node) -> dict[str, str]:
+    """Each queue's leader node, by name."""
+    return {
+        q: (await asyncio.to_thread(cluster_queries.leader, cluster, q, via)).name for q in queues
+    }
+
+
+async def publish_killing(
+    cluster: RabbitCluster, app: App, leader: Node, others: list[Node], confirmed: set[str]
+) -> float:
+    """Publish JOBS in batches of 50 (confirmed ids into ``confirmed``), SIGKILLing ``leader``
+    after the batch from 300; returns when it was killed."""
+    publisher_urls = ",".join(n.url for n in [*others, leader])
+    async with Publisher(Settings(url=publisher_urls), exchange=app.exchange) as publisher:
+        for start in range(0, JOBS, 50):
+            confirmed.update(
+                await publisher.publish_many(Work(n=n) for n in range(start, start + 50))
+            )
+            await asyncio.sleep(0.3)
+            if start == 300:
+                await asyncio.to_thread(cluster.kill, leader)
+                killed = time.monotonic()
+    return killed
 
 
 async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -> dict[str, Any]:
@@ -83,30 +110,10 @@ async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -
     try:
         while not worker.ready:  # noqa: ASYNC110 (a property, no event to wait on)
             await asyncio.sleep(0.05)
-        placed = {q: (await asyncio.to_thread(cluster.leader, q, others[0])).name for q in queues}
-        publisher_urls = ",".join(n.url for n in [*others, leader])
-        async with Publisher(Settings(url=publisher_urls), exchange=app.exchange) as publisher:
-            for start in range(0, JOBS, 50):
-                confirmed.update(
-                    await publisher.publish_many(Work(n=n) for n in range(start, start + 50))
-                )
-                await asyncio.sleep(0.3)
-                if start == 300:
-                    await asyncio.to_thread(cluster.kill, leader)
-                    killed = time.monotonic()
-        result = await watch(
-            cluster,
-            worker,
-            done,
-            confirmed,
-            queues,
-            retry,
-            others[0],
-            killed,
-            leader,
-            cap,
-            timeline,
-        )
+        placed = await leaders(cluster, queues, others[0])
+        killed = await publish_killing(cluster, app, leader, others, confirmed)
+        result = await watch(cluster, worker, done, confirmed, queues, retry, others[0], killed,
+                             leader, cap, timeline)  # fmt: skip
         result.update(run=index, leader=leader.name, placed=placed)
         return result
     finally:
@@ -115,7 +122,9 @@ async def one_run(cluster: RabbitCluster, index: int, cap: float, split: bool) -
             await asyncio.wait_for(running, 30)
         if not leader.is_running():
             await asyncio.to_thread(cluster.restart, leader)
-        await asyncio.to_thread(cluster.wait_caught_up, queues, cluster.nodes[0], 120)
+        await asyncio.to_thread(
+            cluster_queries.wait_caught_up, cluster, queues, cluster.nodes[0], 120
+        )
 
 
 async def watch(cluster: RabbitCluster, worker: Worker, done: collections.Counter[str],

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from brokerjobs import App, Publisher
 from brokerjobs.envelope import Delivery, OutgoingMessage, new_job_id
-from brokerjobs.parking import ParkedJob
+from brokerjobs.parked import ParkedJob
 from brokerjobs.provision import declare
 from brokerjobs.testing import TestBroker
 from brokerjobs.topology import parking_queue_name

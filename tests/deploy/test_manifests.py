@@ -282,8 +282,8 @@ def test_deployment_grace_period_outlasts_a_job_and_the_drain(docs: list[dict[st
     grace = _pod(docs)["terminationGracePeriodSeconds"]
     assert grace > settings.job_timeout + settings.shutdown_grace
     rabbit = one(docs, "RabbitmqCluster")["spec"]["rabbitmq"]["additionalConfig"]
-    consumer_timeout_ms = int(re.search(r"consumer_timeout\s*=\s*(\d+)", rabbit).group(1))  # type: ignore[union-attr]
-    assert consumer_timeout_ms / 1000 > settings.job_timeout
+    assert (found := re.search(r"consumer_timeout\s*=\s*(\d+)", rabbit)), rabbit
+    assert int(found.group(1)) / 1000 > settings.job_timeout  # consumer_timeout is in ms
 
 
 def test_deployment_runs_non_root_with_resources_and_env_from_configmap_and_secret(

@@ -78,7 +78,7 @@ async def test_topology_show_prints_the_plan() -> None:
     assert "x-dead-letter-routing-key='demo.images.parked'" in result.stdout
 
 
-async def test_scheduler_command_publishes_ticks_and_stops_on_sigterm(broker) -> None:
+async def test_scheduler_command_publishes_ticks_and_stops_on_sigterm(broker: Broker) -> None:
     import signal
 
     from tests.support.broker import unique, wait_for

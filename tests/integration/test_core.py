@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -29,7 +30,9 @@ class RenderReport(BaseModel):
     n: int
 
 
-async def test_two_queues_with_different_patterns_receive_exactly_their_jobs(broker: Broker):
+async def test_two_queues_with_different_patterns_receive_exactly_their_jobs(
+    broker: Broker,
+) -> None:
     app = App(unique("routing"))
     seen: dict[str, list[int]] = {"all": [], "created": []}
     app.queue(f"{app.name}.all", "order.#")
@@ -58,7 +61,7 @@ async def test_two_queues_with_different_patterns_receive_exactly_their_jobs(bro
     assert sorted(seen["created"]) == [1, 2, 3]
 
 
-async def test_higher_priority_jobs_are_delivered_first_at_prefetch_one(broker: Broker):
+async def test_higher_priority_jobs_are_delivered_first_at_prefetch_one(broker: Broker) -> None:
     """Strictly on a classic queue that asks for priorities; on a quorum queue as the broker's
     version does it (none on 3.x, two levels on 4.0-4.2, 0-31 on 4.3+)."""
     app = App(unique("prio"))
@@ -84,7 +87,7 @@ async def test_higher_priority_jobs_are_delivered_first_at_prefetch_one(broker: 
         assert order == ["9", "5", "3", "1", "0"]
 
 
-async def test_peak_concurrent_handlers_equals_prefetch(broker: Broker):
+async def test_peak_concurrent_handlers_equals_prefetch(broker: Broker) -> None:
     app = App(unique("conc"))
     running = 0
     peak = 0
@@ -112,7 +115,7 @@ async def test_peak_concurrent_handlers_equals_prefetch(broker: Broker):
     assert peak == 7
 
 
-async def test_unroutable_publish_raises(broker: Broker):
+async def test_unroutable_publish_raises(broker: Broker) -> None:
     app = App(unique("unroutable"))
 
     @app.handler(OrderCreated)
@@ -130,7 +133,7 @@ async def test_unroutable_publish_raises(broker: Broker):
         await wait_for(lambda: broker.depth_is(f"{app.name}.order.created", 1))
 
 
-async def test_published_message_follows_the_documented_wire_format(broker: Broker):
+async def test_published_message_follows_the_documented_wire_format(broker: Broker) -> None:
     app = App(unique("wire"))
 
     @app.handler(OrderCreated)
@@ -163,7 +166,9 @@ def cube_in_another_process(task: Cube) -> None:
         out.write(f"{task.n**3} {os.getpid()}\n")
 
 
-async def test_process_handlers_run_outside_the_worker_process(broker: Broker, tmp_path):
+async def test_process_handlers_run_outside_the_worker_process(
+    broker: Broker, tmp_path: Path
+) -> None:
     out = tmp_path / "cubes.txt"
     app = App(unique("proc"))
     app.handler(Cube, run_in="process")(cube_in_another_process)
@@ -179,7 +184,7 @@ async def test_process_handlers_run_outside_the_worker_process(broker: Broker, t
 
 async def test_a_job_from_a_plain_amqp_client_that_follows_the_wire_format_is_processed(
     broker: Broker,
-):
+) -> None:
     import aio_pika
 
     app = App(unique("foreign"))

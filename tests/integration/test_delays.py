@@ -15,7 +15,9 @@ class SendReminder(BaseModel):
     text: str
 
 
-async def test_a_3s_delay_is_not_held_back_by_a_1h_delay_published_before_it(broker: Broker):
+async def test_a_3s_delay_is_not_held_back_by_a_1h_delay_published_before_it(
+    broker: Broker,
+) -> None:
     app = App(unique("delay"), delay_levels=13)
     arrived: dict[str, float] = {}
 
@@ -38,7 +40,7 @@ async def test_a_3s_delay_is_not_held_back_by_a_1h_delay_published_before_it(bro
     assert await broker.depth(f"{app.exchange}.delay.11.2048s") == 1
 
 
-async def test_a_delayed_job_reaches_every_queue_bound_to_it_exactly_once(broker: Broker):
+async def test_a_delayed_job_reaches_every_queue_bound_to_it_exactly_once(broker: Broker) -> None:
     app = App(unique("delayfan"), delay_levels=4)
     app.queue(f"{app.name}.a", "reminder.*")
     app.queue(f"{app.name}.b", "reminder.send")

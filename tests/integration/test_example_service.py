@@ -13,7 +13,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from brokerjobs import App, RetryPolicy
-from brokerjobs.parking import ParkingLot, Selection
+from brokerjobs.parked import Selection
+from brokerjobs.parking import ParkingLot
 from examples.thumbnails.api import create_api
 from examples.thumbnails.worker import Simulation, create_app, images_queue
 from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for
@@ -67,7 +68,9 @@ async def poll_until(
     return seen[-1]
 
 
-async def test_upload_is_accepted_shows_progress_and_completes_with_the_result(broker: Broker):
+async def test_upload_is_accepted_shows_progress_and_completes_with_the_result(
+    broker: Broker,
+) -> None:
     app = thumbnails_app(broker, Simulation(step_seconds=0.15))
     url = "https://images.example/uploads/cat.jpg"
     async with running_worker(app), api_client(broker, app) as client:
@@ -99,7 +102,7 @@ async def test_upload_is_accepted_shows_progress_and_completes_with_the_result(b
 
 async def test_bad_requests_get_422_and_good_ones_wait_in_the_queue_without_a_worker(
     broker: Broker,
-):
+) -> None:
     app = thumbnails_app(broker, Simulation(step_seconds=0.01))
     queue = images_queue(app)
     async with api_client(broker, app) as client:
@@ -121,7 +124,9 @@ async def test_bad_requests_get_422_and_good_ones_wait_in_the_queue_without_a_wo
         assert (waiting["state"], waiting["progress"]) == ("waiting", None)
 
 
-async def test_an_image_failing_every_attempt_is_parked_then_fixed_and_replayed(broker: Broker):
+async def test_an_image_failing_every_attempt_is_parked_then_fixed_and_replayed(
+    broker: Broker,
+) -> None:
     simulation = Simulation(step_seconds=0.01)
     app = thumbnails_app(broker, simulation)
     url = "https://images.example/uploads/corrupt-scan.jpg"

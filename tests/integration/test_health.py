@@ -58,7 +58,9 @@ async def not_ready(port: int) -> bool:
     return not await readyz(port)
 
 
-async def test_readiness_turns_false_while_the_connection_is_cut_and_true_after(broker: Broker):
+async def test_readiness_turns_false_while_the_connection_is_cut_and_true_after(
+    broker: Broker,
+) -> None:
     app = broker.track(audit_app())
     async with TcpProxy(TEST_HOST, TEST_PORT) as proxy:
         settings = make_settings(url=proxy.url_for(TEST_URL), health_port=0)
@@ -78,7 +80,9 @@ async def test_readiness_turns_false_while_the_connection_is_cut_and_true_after(
             assert worker.reconnects >= 1
 
 
-async def test_readiness_recovers_after_the_queue_is_deleted_under_the_worker(broker: Broker):
+async def test_readiness_recovers_after_the_queue_is_deleted_under_the_worker(
+    broker: Broker,
+) -> None:
     app = broker.track(audit_app())
     queue = f"{app.name}.audit.write"
     async with running_worker(app, make_settings(health_port=0)) as worker:
@@ -102,7 +106,7 @@ async def test_readiness_recovers_after_the_queue_is_deleted_under_the_worker(br
         assert state.consumers == 1
 
 
-async def test_health_command_exit_codes(broker: Broker):
+async def test_health_command_exit_codes(broker: Broker) -> None:
     app = broker.track(audit_app())
     async with running_worker(app, make_settings(health_port=0)) as worker:
         ok = await asyncio.to_thread(_health_cli, worker.health_port)
@@ -123,7 +127,9 @@ def _health_cli(port: int | None) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_stats_lists_depth_and_consumers_of_every_queue(broker: Broker, tmp_path):
+async def test_stats_lists_depth_and_consumers_of_every_queue(
+    broker: Broker, tmp_path: Path
+) -> None:
     async with running_worker(broker.track(_importable_app(tmp_path))):
         result = await asyncio.to_thread(
             subprocess.run,
@@ -160,14 +166,14 @@ def _importable_app(tmp_path: Path) -> App:
         sys.path.remove(str(tmp_path))
 
 
-async def test_start_up_checks_fail_loudly_with_the_fix(broker: Broker):
+async def test_start_up_checks_fail_loudly_with_the_fix(broker: Broker) -> None:
     with pytest.raises(ConfigError, match="consumer_timeout"):
         await Worker(audit_app(), make_settings(job_timeout=3600)).run()
 
 
 async def test_start_up_check_of_quorum_priorities_follows_the_broker_version(
     broker: Broker, caplog: pytest.LogCaptureFixture
-):
+) -> None:
     """3.x ignores priorities on quorum queues: refused. 4.0-4.2 have two levels: a warning
     that says what happens instead. 4.3+ honour 0-31: nothing to say about priority 5."""
     app = App(unique("checks"), queue_kind="quorum")

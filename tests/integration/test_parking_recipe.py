@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from brokerjobs import amqp_values as av
+from brokerjobs import amqp_types as at
 from brokerjobs.broker.amqp.properties import MAX_PROPERTIES_BYTES
 from brokerjobs.broker.amqp.properties import encode_properties as _encode_properties
 from brokerjobs.envelope import Delivery, OutgoingMessage
@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cli(*args: str, limit_file_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
     def limit() -> None:  # runs in the child: writes past the limit fail with EFBIG
+        assert limit_file_bytes is not None
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
 
@@ -53,7 +54,7 @@ def varied(n: int) -> OutgoingMessage:
         headers=every_type_headers(n),
         timestamp=datetime.fromtimestamp(1_700_000_000 + n, UTC)
         if n % 2
-        else av.Timestamp(n << 50),
+        else at.Timestamp(n << 50),
         content_encoding="identity",
         delivery_mode=(None, 1, 2)[n % 3],
         correlation_id=f"corr-{n}",
@@ -84,7 +85,7 @@ async def parked(queue: str) -> dict[str, Delivery]:
 
 async def test_the_readme_recipe_on_1000_jobs_of_every_type_loses_and_changes_nothing(
     broker: Broker, tmp_path: Path
-):
+) -> None:
     queue = unique("recipe")
     await park_varied(broker, queue, 1000)
     before = await parked(queue)
@@ -92,9 +93,9 @@ async def test_the_readme_recipe_on_1000_jobs_of_every_type_loses_and_changes_no
 
     exported = await asyncio.to_thread(cli, "export", queue, str(backup))
     assert exported.returncode == 0, exported.stderr
-    count, checksum = re.search(
-        r"exported (\d+) job\(s\) .*; sha256 (\w+);", exported.stdout
-    ).groups()
+    found = re.search(r"exported (\d+) job\(s\) .*; sha256 (\w+);", exported.stdout)
+    assert found is not None, exported.stdout
+    count, checksum = found.groups()
     assert count == "1000"
     wrong = await asyncio.to_thread(
         cli, "purge", queue, "--yes", "--expect-count", "999", "--expect-checksum", checksum
@@ -122,7 +123,7 @@ async def test_the_readme_recipe_on_1000_jobs_of_every_type_loses_and_changes_no
 
 async def test_an_export_that_cannot_write_a_record_fails_and_leaves_no_file(
     broker: Broker, tmp_path: Path
-):
+) -> None:
     queue = unique("full")
     await park_varied(broker, queue, 50)
     target = tmp_path / "backup.jsonl"
@@ -137,7 +138,7 @@ async def test_an_export_that_cannot_write_a_record_fails_and_leaves_no_file(
 
 async def test_a_replay_copy_that_cannot_be_encoded_stays_parked_and_fails_the_command(
     broker: Broker,
-):
+) -> None:
     queue = unique("unsendable")
     await park_varied(broker, queue, 3)
     # Fits one frame as parked; the replay copy adds bj-attempt and bj-replays and does not.

@@ -38,7 +38,7 @@ POISON = [
 @pytest.mark.parametrize(("message", "reason"), POISON)
 async def test_poison_input_is_parked_with_its_reason_and_the_worker_goes_on(
     broker: Broker, message: OutgoingMessage, reason: str
-):
+) -> None:
     app = App(unique("poison"))
     handled: list[CreateInvoice] = []
     queue = app.queue(f"{app.name}.invoices", "invoice.*")

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiormq
 import pytest
@@ -50,8 +51,13 @@ def body(n: int, fail: bool = False, payload: object = None) -> bytes:
     return json.dumps({"n": n, "fail": fail, "payload": payload}).encode()
 
 
-def message(data: bytes, job_name: str | None = JOB_NAME, **kw: object) -> OutgoingMessage:
-    out = OutgoingMessage(data, new_job_id(), job_name, 0, dict(kw.pop("headers", {}) or {}))
+def message(
+    data: bytes,
+    job_name: str | None = JOB_NAME,
+    headers: Mapping[str, Any] | None = None,
+    **kw: object,
+) -> OutgoingMessage:
+    out = OutgoingMessage(data, new_job_id(), job_name, 0, dict(headers or {}))
     for key, value in kw.items():
         setattr(out, key, value)
     return out
@@ -165,30 +171,12 @@ async def test_poison_mix_parks_each_bad_message_once_and_handles_every_good_one
     await declare(broker.connection, app.topology())
     queue = f"{name}.jobs"
     kinds = await publish_everything(broker, app.exchange)
+    handled_kinds = {k for k, why in EXPECTED.items() if why is None} | {"good"}
+    must_handle = {i for i, kind in kinds.items() if kind in handled_kinds}
+    must_park = {i for i, kind in kinds.items() if kind not in handled_kinds}
     worker = start_worker(name, records, output)
     try:
-        handled_kinds = {k for k, why in EXPECTED.items() if why is None} | {"good"}
-        must_handle = {i for i, kind in kinds.items() if kind in handled_kinds}
-        must_park = {i for i, kind in kinds.items() if kind not in handled_kinds}
-        parked: list[Delivery] = []
-
-        async def all_settled() -> bool:
-            if worker.poll() is not None:
-                raise AssertionError(f"worker exited {worker.returncode}: {output.read_text()}")
-            parked.extend(await broker.drain(f"{queue}.parked"))
-            return (
-                len(parked) >= len(must_park)
-                and set(read_records(records).done_ids()) >= must_handle
-            )
-
-        try:
-            await wait_for(all_settled, timeout=240, interval=0.5)
-        except AssertionError:
-            handled = len(set(read_records(records).done_ids()) & must_handle)
-            raise AssertionError(
-                f"handled {handled} of {len(must_handle)}, parked {len(parked)} of "
-                f"{len(must_park)}; worker log:\n{output.read_text()[-3000:]}"
-            ) from None
+        parked = await settled(broker, queue, worker, records, output, must_handle, must_park)
         assert await broker.depth(queue) == 0
         worker.send_signal(signal.SIGTERM)
         await wait_for(lambda: worker.poll() is not None, timeout=30)
@@ -205,7 +193,42 @@ async def test_poison_mix_parks_each_bad_message_once_and_handles_every_good_one
     assert set(parked_ids) == must_park and set(parked_ids.values()) == {1}
     for delivery in parked:
         reason = str(delivery.headers.get(PARK_REASON))
-        assert EXPECTED[kinds[delivery.message_id or ""]] in reason, reason  # type: ignore[operator]
+        assert str(EXPECTED[kinds[delivery.message_id or ""]]) in reason, reason
     no_type = [d for d in parked if kinds[d.message_id or ""] == "no-type-failing"]
     assert {d.original_job_name for d in no_type} == {JOB_NAME}  # it survived the retry hop
     assert {d.job_name for d in no_type} == {None}  # and `type` stays absent: a faithful copy
+
+
+async def settled(
+    broker: Broker,
+    queue: str,
+    worker: subprocess.Popen[bytes],
+    records: Path,
+    output: Path,
+    must_handle: set[str],
+    must_park: set[str],
+) -> list[Delivery]:
+    """Wait until every good job is handled and every bad one parked; the parked messages."""
+    parked: list[Delivery] = []
+
+    async def all_settled() -> bool:
+        if worker.poll() is not None:
+            raise AssertionError(f"worker exited {worker.returncode}: {text_of(output)}")
+        parked.extend(await broker.drain(f"{queue}.parked"))
+        return (
+            len(parked) >= len(must_park) and set(read_records(records).done_ids()) >= must_handle
+        )
+
+    try:
+        await wait_for(all_settled, timeout=240, interval=0.5)
+    except AssertionError:
+        handled = len(set(read_records(records).done_ids()) & must_handle)
+        raise AssertionError(
+            f"handled {handled} of {len(must_handle)}, parked {len(parked)} of "
+            f"{len(must_park)}; worker log:\n{text_of(output)[-3000:]}"
+        ) from None
+    return parked
+
+
+def text_of(path: Path) -> str:
+    return path.read_text()

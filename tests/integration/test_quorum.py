@@ -14,7 +14,7 @@ class PostLedger(BaseModel):
     entry: int
 
 
-async def test_retry_park_and_replay_work_on_quorum_queues(broker: Broker):
+async def test_retry_park_and_replay_work_on_quorum_queues(broker: Broker) -> None:
     app = App(unique("quorum"), queue_kind="quorum")
     fixed = False
     attempts: list[int] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel
@@ -25,7 +26,7 @@ class Stubborn(BaseModel):
     n: int
 
 
-def readyz(port: int) -> tuple[int, dict[str, object]]:
+def readyz(port: int) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
             return response.status, json.loads(response.read())
@@ -33,7 +34,7 @@ def readyz(port: int) -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
-async def status_of(port: int) -> tuple[int, dict[str, object]]:
+async def status_of(port: int) -> tuple[int, dict[str, Any]]:
     return await asyncio.to_thread(readyz, port)
 
 
@@ -63,7 +64,7 @@ async def test_a_delivery_held_past_its_timeout_makes_the_worker_not_ready(broke
         await wait_for(lambda: worker.ready, timeout=10)
         assert (await status_of(port))[0] == 200
     assert code == 503
-    assert any("held" in str(p) for p in body["problems"]), body  # type: ignore[union-attr]
+    assert any("held" in str(p) for p in body["problems"]), body
 
 
 async def test_sessions_that_die_within_seconds_make_the_worker_not_ready(broker: Broker) -> None:
@@ -82,7 +83,11 @@ async def test_sessions_that_die_within_seconds_make_the_worker_not_ready(broker
             for cut in range(3):
                 await wait_for(lambda: worker.ready or worker.short_sessions >= 3, timeout=20)
                 proxy.cut()
-                await wait_for(lambda n=cut: worker.reconnects > n, timeout=20)
+
+                def reconnected(n: int = cut) -> bool:
+                    return worker.reconnects > n
+
+                await wait_for(reconnected, timeout=20)
             await wait_for(lambda: worker.problems() != [] and worker._session is not None, 20)
             problems = worker.problems()
             # The fourth session lives on: after stable_session_s the worker is ready again.

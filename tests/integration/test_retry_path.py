@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from pydantic import BaseModel
 
 from brokerjobs import App, Publisher, RetryLater, RetryPolicy, current_job, job
@@ -19,7 +20,7 @@ class SendSms(BaseModel):
     n: int
 
 
-async def test_a_1s_retry_is_not_held_back_by_a_30s_retry_queued_before_it(broker: Broker):
+async def test_a_1s_retry_is_not_held_back_by_a_30s_retry_queued_before_it(broker: Broker) -> None:
     app = App(unique("hol"))
     runs: dict[int, list[float]] = {1: [], 2: []}
 
@@ -44,7 +45,7 @@ async def test_a_1s_retry_is_not_held_back_by_a_30s_retry_queued_before_it(broke
 
 async def test_retries_of_one_queue_never_reach_another_queue_bound_to_the_same_key(
     broker: Broker,
-):
+) -> None:
     app = App(unique("nodup"))
     calls = {"flaky": 0, "steady": 0}
     app.queue(f"{app.name}.flaky", "sms.send")
@@ -72,7 +73,7 @@ async def test_retries_of_one_queue_never_reach_another_queue_bound_to_the_same_
 
 async def test_exhausted_attempts_park_exactly_one_copy_with_the_failure_envelope(
     broker: Broker,
-):
+) -> None:
     app = App(unique("park"))
     attempts: list[int] = []
 
@@ -107,8 +108,8 @@ async def test_exhausted_attempts_park_exactly_one_copy_with_the_failure_envelop
 
 
 async def test_a_crash_between_the_retry_publish_and_the_ack_loses_nothing(
-    broker: Broker, monkeypatch
-):
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = App(unique("crash"))
     attempts: list[int] = []
 
@@ -121,7 +122,9 @@ async def test_a_crash_between_the_retry_publish_and_the_ack_loses_nothing(
     crashed = asyncio.Event()
 
     # Simulate the crash: the retry copy is confirmed, then the channel dies before the ack.
-    async def publish_then_die(self, message, exchange, routing_key):  # type: ignore[no-untyped-def]
+    async def publish_then_die(
+        self: Channel, message: wire.OutgoingMessage, exchange: str, routing_key: str
+    ) -> None:
         await real_publish(self, message, exchange, routing_key)
         if not crashed.is_set():
             crashed.set()
@@ -146,7 +149,9 @@ class SlowSms(BaseModel):
     n: int
 
 
-async def test_a_job_past_its_timeout_is_retried_and_then_parked_as_a_timeout(broker: Broker):
+async def test_a_job_past_its_timeout_is_retried_and_then_parked_as_a_timeout(
+    broker: Broker,
+) -> None:
     app = App(unique("timeout"))
     started: list[int] = []
 
@@ -170,7 +175,7 @@ async def test_a_job_past_its_timeout_is_retried_and_then_parked_as_a_timeout(br
 
 async def test_a_deleted_retry_tier_is_declared_again_and_the_failing_job_is_not_lost(
     broker: Broker,
-):
+) -> None:
     app = App(unique("tiergone"))
     attempts: list[int] = []
 

@@ -1,5 +1,6 @@
 """The scheduler against the real broker: with several instances each tick is published once;
-a stopped or killed leader hands over; missed ticks follow catch_up; one token, refreshed.
+a stopped leader hands over; missed ticks follow catch_up; one token, refreshed. (A killed
+leader process: ``test_scheduler_process``.)
 
 Every scheduled job carries ``bj-scheduled-for`` (its tick) and a message id derived from the
 schedule and the tick, so the tests count ticks from the jobs in the app's queue.
@@ -9,16 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -27,22 +23,18 @@ from pydantic import BaseModel
 from brokerjobs import App, job
 from brokerjobs.envelope import Delivery
 from brokerjobs.errors import PublishInterrupted
-from brokerjobs.provision import declare
-from brokerjobs.schedule import merge_state
+from brokerjobs.schedule import CatchUp, merge_state
 from brokerjobs.scheduler import (
     SCHEDULE,
-    SCHEDULED_FOR,
     Scheduler,
     decode_state,
     scheduler_queue,
-    tick_job_id,
 )
 from brokerjobs.scheduler_token import TokenSession
-from tests.support.broker import TEST_URL, Broker, make_settings, unique, wait_for
-from tests.support.sched_app import EVERY_ENV, NAME_ENV, SCHEDULE_NAME, Tick, build_app, job_queue
+from tests.support.broker import Broker, make_settings, unique, wait_for
+from tests.support.ticks import SECOND, assert_consecutive, assert_job_ids, tick_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SECOND = timedelta(seconds=1)
 
 
 @job("sched.beat")
@@ -77,33 +69,17 @@ async def running(scheduler: Scheduler) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait_for(task, 15)
 
 
-def alive(*tasks: asyncio.Task[None]) -> None:
+def alive(*tasks: asyncio.Task[None]) -> bool:
+    """False (so ``alive(task) or condition`` waits on the condition); raises if a task ended."""
     for task in tasks:
         if task.done():
             task.result()  # raise what stopped it
             raise AssertionError("a scheduler stopped by itself")
-
-
-def tick_of(delivery: Delivery) -> datetime:
-    value = delivery.headers[SCHEDULED_FOR]
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    return datetime.fromisoformat(text)
-
-
-def assert_consecutive(ticks: list[datetime]) -> None:
-    """Every second from the first tick to the last, each once."""
-    assert ticks == sorted(set(ticks)), f"duplicates or disorder: {ticks}"
-    gaps = [(a, b) for a, b in pairwise(ticks) if b - a != SECOND]
-    assert not gaps, f"missing ticks between {gaps}"
-
-
-def assert_job_ids(deliveries: list[Delivery], exchange: str, schedule: str) -> None:
-    for delivery in deliveries:
-        assert delivery.message_id == tick_job_id(exchange, schedule, tick_of(delivery))
+    return False
 
 
 @pytest.mark.slow
-async def test_two_schedulers_publish_each_tick_exactly_once(broker: Broker):
+async def test_two_schedulers_publish_each_tick_exactly_once(broker: Broker) -> None:
     app = beat_app("sched2", broker)
     app.schedule(lambda at: Beat(at=at), every=1, name="beat")
     a, b = Scheduler(app, make_settings()), Scheduler(app, make_settings())
@@ -127,7 +103,7 @@ async def test_two_schedulers_publish_each_tick_exactly_once(broker: Broker):
 
 
 @pytest.mark.slow
-async def test_a_stopped_leader_hands_over_without_gap_or_duplicate(broker: Broker):
+async def test_a_stopped_leader_hands_over_without_gap_or_duplicate(broker: Broker) -> None:
     app = beat_app("schedstop", broker)
     app.schedule(lambda at: Beat(at=at), every=1, name="beat")
     a, b = Scheduler(app, make_settings()), Scheduler(app, make_settings())
@@ -162,14 +138,14 @@ async def _standby_seen(broker: Broker, app: App) -> bool:
 
 
 @pytest.mark.slow
-async def test_missed_ticks_after_downtime_follow_each_catch_up_rule(broker: Broker):
+async def test_missed_ticks_after_downtime_follow_each_catch_up_rule(broker: Broker) -> None:
     """Frozen clocks make the downtime exact: stopped with every tick up to x done, the next
     leader wakes at x + 3.7 s, so x+1..x+3 are all missed (grace 0.5 s) and none is on time."""
     app = beat_app("schedcatch", broker)
-    modes = ("all", "latest", "none")
+    modes: tuple[CatchUp, ...] = ("all", "latest", "none")
     for mode in modes:
-        beat = partial(Beat, mode=mode)
-        app.schedule(lambda at, b=beat: b(at=at), every=1, name=mode, catch_up=mode, grace=0.5)
+        make = partial(Beat, mode=mode)
+        app.schedule(lambda at, b=make: b(at=at), every=1, name=mode, catch_up=mode, grace=0.5)
     x = datetime.now(UTC).replace(microsecond=0)
     first = Scheduler(app, make_settings(), clock=lambda: x + timedelta(seconds=0.2))
     async with running(first) as task:
@@ -233,7 +209,7 @@ async def _tokens_ready(broker: Broker, queue: str) -> bool:
 @pytest.mark.slow
 async def test_a_crash_between_publishing_a_tick_and_recording_it_repeats_that_tick(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
-):
+) -> None:
     """The documented duplicate: the job is confirmed, then the connection dies before the new
     token is; the next leader publishes the same tick again, with the same job id."""
     app = beat_app("schedcrash", broker)
@@ -262,7 +238,7 @@ async def test_a_crash_between_publishing_a_tick_and_recording_it_repeats_that_t
     assert_job_ids(jobs, app.exchange, "beat")  # so both copies carry one id
 
 
-async def test_the_token_is_refreshed_and_stays_single(broker: Broker):
+async def test_the_token_is_refreshed_and_stays_single(broker: Broker) -> None:
     app = beat_app("schedrefresh", broker)
     app.schedule(lambda: Beat(at=datetime.now(UTC)), every=3600, name="hourly")
     scheduler = Scheduler(app, make_settings(), refresh_interval=0.1)
@@ -271,135 +247,3 @@ async def test_the_token_is_refreshed_and_stays_single(broker: Broker):
     # The stopped scheduler's token comes back (on quorum queues, not at once).
     await wait_for(lambda: broker.depth_is(scheduler_queue(app), 1), 5)
     assert await broker.depth(beat_queue(app)) == 0
-
-
-# -- a killed leader process -------------------------------------------------------------------
-
-
-class SchedulerProcess:
-    """``python -m tests.support.sched_app``: the sched app's scheduler, output to a file."""
-
-    def __init__(self, name: str, output: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERJOBS_")}
-        env.update(
-            {
-                "BROKERJOBS_URL": TEST_URL,
-                "BROKERJOBS_HEARTBEAT": "5",
-                "BROKERJOBS_CONNECT_TIMEOUT": "5",
-                NAME_ENV: name,
-                EVERY_ENV: "1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self.output = output
-        self._out = output.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.sched_app"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        return self.output.read_text(errors="replace")[-4000:]
-
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"scheduler exited with {self.proc.returncode}:\n{self.log()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        self._out.close()
-
-
-@contextlib.contextmanager
-def scheduler_processes(tmp_path: Path) -> Iterator[Callable[[str, str], SchedulerProcess]]:
-    started: list[SchedulerProcess] = []
-
-    def start(name: str, label: str) -> SchedulerProcess:
-        process = SchedulerProcess(name, tmp_path / f"{label}.log")
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.kill()
-
-
-class Received:
-    """Jobs taken from the queue, each with the monotonic time it was seen."""
-
-    def __init__(self, broker: Broker, queue: str) -> None:
-        self.broker, self.queue = broker, queue
-        self.jobs: list[tuple[Delivery, Tick, float]] = []
-
-    async def poll(self) -> None:
-        for delivery in await self.broker.drain(self.queue):
-            self.jobs.append((delivery, Tick.model_validate_json(delivery.body), time.monotonic()))
-
-    def by(self, pid: int) -> list[tuple[Delivery, Tick, float]]:
-        return [job for job in self.jobs if job[1].pid == pid]
-
-    def until(self, condition: Callable[[], bool], *processes: SchedulerProcess):
-        async def check() -> bool:
-            for process in processes:
-                process.check()
-            await self.poll()
-            return condition()
-
-        return check
-
-
-@pytest.mark.slow
-async def test_a_killed_leader_process_hands_over_to_the_other(broker: Broker, tmp_path: Path):
-    name = unique("schedkill")
-    app = build_app(name, 1.0)
-    broker.track(app)
-    broker.track_queue(scheduler_queue(app))
-    await declare(broker.connection, app.topology())
-    received = Received(broker, job_queue(name))
-
-    with scheduler_processes(tmp_path) as start:
-        a = start(name, "a")
-        await wait_for(received.until(lambda: bool(received.by(a.pid)), a), 20, interval=0.05)
-        b = start(name, "b")
-        await wait_for(lambda: b.check() or "standing by" in b.log(), 20)
-        b.check()
-        before = len(received.by(a.pid))
-        await wait_for(received.until(lambda: len(received.by(a.pid)) >= before + 3, a, b), 10)
-        assert not received.by(b.pid), "the standby published while the leader was alive"
-
-        a.proc.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        await wait_for(received.until(lambda: len(received.by(b.pid)) >= 3, b), 10, interval=0.05)
-        takeover = received.by(b.pid)[0][2] - killed
-
-        b.proc.send_signal(signal.SIGTERM)
-        await wait_for(lambda: b.proc.poll() is not None, 10)
-        assert b.proc.returncode == 0, b.log()
-    await received.poll()
-
-    from_a, from_b = received.by(a.pid), received.by(b.pid)
-    counts = Counter(tick.at for _, tick, _ in received.jobs)
-    duplicates = sorted(at for at, n in counts.items() if n > 1)
-    print(
-        f"{len(counts)} ticks: {len(from_a)} from the killed leader, {len(from_b)} from the "
-        f"other; first tick of the other {takeover * 1000:.0f} ms after the kill; "
-        f"duplicated ticks (in flight at the kill): {len(duplicates)} {duplicates}"
-    )
-    assert takeover < 3
-    assert_consecutive(sorted(counts))
-    assert_job_ids([d for d, _, _ in received.jobs], app.exchange, SCHEDULE_NAME)
-    # At most the tick in flight at the kill: published by both, with the same message id.
-    assert len(duplicates) <= 1 and all(counts[at] == 2 for at in duplicates)
-    last_of_a = max(tick.at for _, tick, _ in from_a)
-    assert duplicates in ([], [last_of_a])
-    assert all(tick.at >= last_of_a for _, tick, _ in from_b)

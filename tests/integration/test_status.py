@@ -34,19 +34,11 @@ class Recording:
         return await self.inner.get(job_id)
 
 
-async def test_progress_and_the_final_result_are_visible_through_the_tracker(broker: Broker):
-    app = App(unique("status"), track_status=True)
+async def test_progress_and_the_final_result_are_visible_through_the_tracker(
+    broker: Broker,
+) -> None:
     step = asyncio.Event()
-
-    @app.handler(EncodeVideo, retry=RetryPolicy(delays=(0.1,), max_attempts=3))
-    async def encode(task: EncodeVideo) -> dict[str, str]:
-        if task.fail_first and current_job().attempt == 1:
-            raise OSError("disk full")
-        for percent in (25, 50, 75):
-            report_progress(percent, f"encoding {percent}%")
-            await asyncio.sleep(0.05)
-        await step.wait()
-        return {"url": f"https://cdn.example/{task.name}.mp4"}
+    app = encoding_app(step)
 
     def sync_progress_is_harmless_without_tracking() -> None:
         report_progress(10)  # outside a job: a no-op, no error
@@ -78,7 +70,30 @@ async def test_progress_and_the_final_result_are_visible_through_the_tracker(bro
 
     assert final.state == "completed"
     assert final.result == {"url": "https://cdn.example/cat.mp4"}
-    states = [(s.state, s.attempt, s.progress) for s in store.history]
+    check_history(store.history)
+
+
+def encoding_app(step: asyncio.Event) -> App:
+    """Its handler fails a first attempt if asked to, reports 25, 50 and 75 % progress, then
+    waits for ``step`` before returning the video's URL."""
+    app = App(unique("status"), track_status=True)
+
+    @app.handler(EncodeVideo, retry=RetryPolicy(delays=(0.1,), max_attempts=3))
+    async def encode(task: EncodeVideo) -> dict[str, str]:
+        if task.fail_first and current_job().attempt == 1:
+            raise OSError("disk full")
+        for percent in (25, 50, 75):
+            report_progress(percent, f"encoding {percent}%")
+            await asyncio.sleep(0.05)
+        await step.wait()
+        return {"url": f"https://cdn.example/{task.name}.mp4"}
+
+    return app
+
+
+def check_history(history: list[JobStatus]) -> None:
+    """The statuses the API saw, in order: waiting, a retry, then attempt 2's progress."""
+    states = [(s.state, s.attempt, s.progress) for s in history]
     assert states[0] == ("waiting", 1, None)
     assert ("retried", 1, None) in states
     assert states[-4:] == [
@@ -87,5 +102,5 @@ async def test_progress_and_the_final_result_are_visible_through_the_tracker(bro
         ("active", 2, 75.0),
         ("completed", 2, 100.0),
     ]
-    retrying = next(s for s in store.history if s.state == "retried")
+    retrying = next(s for s in history if s.state == "retried")
     assert retrying.error == "OSError: disk full"

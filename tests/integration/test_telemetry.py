@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import (
+    DataPointT,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanContext, SpanKind
 from pydantic import BaseModel
 
 from brokerjobs import App, Publisher, RetryPolicy, job
@@ -22,9 +31,9 @@ class BookShipment(BaseModel):
     parcel: str
 
 
-def metric_points(reader: InMemoryMetricReader) -> dict[str, list]:
+def metric_points(reader: InMemoryMetricReader) -> dict[str, list[DataPointT]]:
     data = reader.get_metrics_data()
-    points: dict[str, list] = {}
+    points: dict[str, list[DataPointT]] = {}
     for resource in data.resource_metrics if data else []:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
@@ -32,23 +41,62 @@ def metric_points(reader: InMemoryMetricReader) -> dict[str, list]:
     return points
 
 
-def total(points: dict[str, list], name: str, **attributes: str) -> float:
+def total(points: dict[str, list[DataPointT]], name: str, **attributes: str) -> float:
+    counts = points.get(name, [])
+    assert all(isinstance(p, NumberDataPoint) for p in counts), name
     return sum(
         p.value
-        for p in points.get(name, [])
-        if all(p.attributes.get(k) == v for k, v in attributes.items())
+        for p in counts
+        if isinstance(p, NumberDataPoint)
+        and all(attrs_of(p).get(k) == v for k, v in attributes.items())
     )
 
 
-async def test_spans_and_metrics_follow_one_job_across_retry_park_and_replay(broker: Broker):
+def attrs_of(item: ReadableSpan | DataPointT) -> Mapping[str, Any]:
+    assert item.attributes is not None
+    return item.attributes
+
+
+def context_of(span: ReadableSpan) -> SpanContext:
+    context: SpanContext | None = span.context
+    assert context is not None
+    return context
+
+
+def parent_of(span: ReadableSpan) -> SpanContext:
+    assert span.parent is not None
+    return span.parent
+
+
+async def test_spans_and_metrics_follow_one_job_across_retry_park_and_replay(
+    broker: Broker,
+) -> None:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]))
-
     app = App(unique("otel"))
     queue = f"{app.name}.shipment.book"
+    job_id = await fail_park_and_replay(broker, app, queue, telemetry, exporter)
+
+    spans = exporter.get_finished_spans()
+    sends = [s for s in spans if s.kind is SpanKind.PRODUCER]
+    processes = _named(exporter, f"process {queue}")
+    check_sends(sends, app.exchange, queue)
+    for span in [*sends, *processes]:
+        assert attrs_of(span)["messaging.system"] == "rabbitmq"
+        assert attrs_of(span)["messaging.message.id"] == job_id
+        assert attrs_of(span)["brokerjobs.job.name"] == "shipment.book"
+    check_processes(processes, app.exchange, queue)
+    check_links(sends, processes)
+    check_metrics(metric_points(reader))
+
+
+async def fail_park_and_replay(
+    broker: Broker, app: App, queue: str, telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> str:
+    """One job: fails (retry), fails again (parked), replayed once fixed, then processed."""
     fail = True
 
     @app.handler(BookShipment, retry=RetryPolicy(delays=(0.1,), max_attempts=2))
@@ -58,8 +106,6 @@ async def test_spans_and_metrics_follow_one_job_across_retry_park_and_replay(bro
 
     broker.track(app)
     worker = Worker(app, make_settings(), telemetry=telemetry)
-    import asyncio
-
     run = asyncio.create_task(worker.run())
     try:
         await wait_for(lambda: worker.ready)
@@ -73,63 +119,68 @@ async def test_spans_and_metrics_follow_one_job_across_retry_park_and_replay(bro
     finally:
         worker.stop()
         await run
+    return job_id
 
-    spans = exporter.get_finished_spans()
-    sends = [s for s in spans if s.kind is SpanKind.PRODUCER]
-    processes = _named(exporter, f"process {queue}")
+
+def check_sends(sends: list[ReadableSpan], exchange: str, queue: str) -> None:
     assert [s.name for s in sends] == [
-        f"send {app.exchange}:shipment.book",
+        f"send {exchange}:shipment.book",
         f"send {queue}.retry.100ms",
         f"send {queue}.parked",
         f"send {queue}",
     ]
-    assert [s.attributes["messaging.operation.name"] for s in sends] == [
+    assert [attrs_of(s)["messaging.operation.name"] for s in sends] == [
         "publish",
         "retry",
         "park",
         "replay",
     ]
-    publish, retry, park, replay = sends
-    for span in [*sends, *processes]:
-        assert span.attributes["messaging.system"] == "rabbitmq"
-        assert span.attributes["messaging.message.id"] == job_id
-        assert span.attributes["brokerjobs.job.name"] == "shipment.book"
-    assert publish.attributes["messaging.destination.name"] == f"{app.exchange}:shipment.book"
-    assert publish.attributes["messaging.rabbitmq.destination.routing_key"] == "shipment.book"
+    publish = attrs_of(sends[0])
+    assert publish["messaging.destination.name"] == f"{exchange}:shipment.book"
+    assert publish["messaging.rabbitmq.destination.routing_key"] == "shipment.book"
 
-    first, second, third = processes
+
+def check_processes(processes: list[ReadableSpan], exchange: str, queue: str) -> None:
+    first = attrs_of(processes[0])
     assert all(p.kind is SpanKind.CONSUMER for p in processes)
-    assert first.attributes["messaging.destination.name"] == (
-        f"{app.exchange}:shipment.book:{queue}"
-    )
-    assert [p.attributes["brokerjobs.job.attempt"] for p in processes] == [1, 2, 1]
-    assert [p.attributes["brokerjobs.outcome"] for p in processes] == [
+    assert first["messaging.destination.name"] == (f"{exchange}:shipment.book:{queue}")
+    assert [attrs_of(p)["brokerjobs.job.attempt"] for p in processes] == [1, 2, 1]
+    assert [attrs_of(p)["brokerjobs.outcome"] for p in processes] == [
         "retried",
         "parked",
         "completed",
     ]
-    assert first.attributes["error.type"] == "builtins.TimeoutError"
-    assert "messaging.rabbitmq.message.delivery_tag" in first.attributes
+    assert first["error.type"] == "builtins.TimeoutError"
+    assert "messaging.rabbitmq.message.delivery_tag" in first
 
-    # The links tell the story: every process span links to what created its message and
-    # to the original publish; retry and park sends are children of the failing process.
-    assert _linked(first) == {publish.context.span_id}
-    assert retry.parent.span_id == first.context.span_id
-    assert _linked(second) == {retry.context.span_id, publish.context.span_id}
-    assert park.parent.span_id == second.context.span_id
-    assert park.context.span_id in _linked(replay)
-    assert _linked(third) == {replay.context.span_id, publish.context.span_id}
-    assert len({p.context.trace_id for p in processes}) == 3  # new trace per delivery
 
-    points = metric_points(reader)
+def check_links(sends: list[ReadableSpan], processes: list[ReadableSpan]) -> None:
+    """Every process span links to what created its message and to the original publish;
+    retry and park sends are children of the failing process."""
+    publish, retry, park, replay = (context_of(s).span_id for s in sends)
+    first, second, third = processes
+    assert _linked(first) == {publish}
+    assert parent_of(sends[1]).span_id == context_of(first).span_id
+    assert _linked(second) == {retry, publish}
+    assert parent_of(sends[2]).span_id == context_of(second).span_id
+    assert park in _linked(sends[3])
+    assert _linked(third) == {replay, publish}
+    assert len({context_of(p).trace_id for p in processes}) == 3  # new trace per delivery
+
+
+def check_metrics(points: dict[str, list[DataPointT]]) -> None:
     assert total(points, "messaging.client.sent.messages") == 4
     assert total(points, "messaging.client.consumed.messages") == 3
-    assert total(points, "messaging.client.consumed.messages", **{"brokerjobs.outcome": "completed"}) == 1
+    assert (
+        total(points, "messaging.client.consumed.messages", **{"brokerjobs.outcome": "completed"})
+        == 1
+    )
     assert total(points, "brokerjobs.jobs.retried", **{"brokerjobs.job.name": "shipment.book"}) == 1
     assert total(points, "brokerjobs.jobs.parked") == 1
     assert total(points, "brokerjobs.jobs.replayed") == 1
     durations = points["messaging.process.duration"]
-    assert sum(p.count for p in durations) == 3
+    assert all(isinstance(p, HistogramDataPoint) for p in durations)
+    assert sum(p.count for p in durations if isinstance(p, HistogramDataPoint)) == 3
 
 
 def _named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:

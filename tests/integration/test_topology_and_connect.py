@@ -26,7 +26,7 @@ class DoThing(BaseModel):
     n: int
 
 
-async def test_declare_is_idempotent_and_a_mismatch_names_the_argument(broker: Broker):
+async def test_declare_is_idempotent_and_a_mismatch_names_the_argument(broker: Broker) -> None:
     """Also what an existing deployment meets after upgrading to a brokerjobs that declares
     classic queues without priorities: its queue still has ``x-max-priority=10``."""
     old = App(unique("topo"))
@@ -79,7 +79,7 @@ async def test_a_list_of_nodes_fails_over_to_the_next_reachable_one() -> None:
         await connection.close()
 
 
-async def test_sync_handlers_run_in_threads_and_see_their_job_context(broker: Broker):
+async def test_sync_handlers_run_in_threads_and_see_their_job_context(broker: Broker) -> None:
     app = App(unique("sync"))
     seen: list[tuple[int, str, bool]] = []
 

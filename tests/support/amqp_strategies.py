@@ -6,22 +6,24 @@ import random
 import string
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
-from brokerjobs import amqp_values as av
+from brokerjobs import amqp_types as at
 from brokerjobs.envelope import OutgoingMessage
 
-_INT_RANGES = {
-    av.Int8: (-(1 << 7), (1 << 7) - 1),
-    av.UInt8: (0, (1 << 8) - 1),
-    av.Int16: (-(1 << 15), (1 << 15) - 1),
-    av.UInt16: (0, (1 << 16) - 1),
-    av.Int32: (-(1 << 31), (1 << 31) - 1),
-    av.UInt32: (0, (1 << 32) - 1),
-    av.Int64: (-(1 << 63), (1 << 63) - 1),
-    av.Int64L: (-(1 << 63), (1 << 63) - 1),
+T = TypeVar("T")
+
+_INT_RANGES: dict[type[at.TypedInt], tuple[int, int]] = {
+    at.Int8: (-(1 << 7), (1 << 7) - 1),
+    at.UInt8: (0, (1 << 8) - 1),
+    at.Int16: (-(1 << 15), (1 << 15) - 1),
+    at.UInt16: (0, (1 << 16) - 1),
+    at.Int32: (-(1 << 31), (1 << 31) - 1),
+    at.UInt32: (0, (1 << 32) - 1),
+    at.Int64: (-(1 << 63), (1 << 63) - 1),
+    at.Int64L: (-(1 << 63), (1 << 63) - 1),
 }
 typed_ints = st.one_of(
     *(st.integers(low, high).map(kind) for kind, (low, high) in _INT_RANGES.items())
@@ -32,15 +34,15 @@ decimals = st.builds(
     st.integers(0, 255),
 )
 timestamps = st.one_of(
-    st.integers(0, av.MAX_DATETIME_SECONDS),
-    st.integers(av.MAX_DATETIME_SECONDS + 1, (1 << 64) - 1),  # microseconds, ns, "negative"
+    st.integers(0, at.MAX_DATETIME_SECONDS),
+    st.integers(at.MAX_DATETIME_SECONDS + 1, (1 << 64) - 1),  # microseconds, ns, "negative"
     st.sampled_from([1_700_000_000_000, 1_700_000_000_000_000, 1_700_000_000_000_000_000]),
-).map(av.timestamp_value)
-long_strings = st.binary(max_size=20).map(lambda b: av.LongString(b"\xff" + b))  # not UTF-8
+).map(at.timestamp_value)
+long_strings = st.binary(max_size=20).map(lambda b: at.LongString(b"\xff" + b))  # not UTF-8
 scalars = st.one_of(
     st.booleans(),
     typed_ints,
-    st.floats(width=32, allow_nan=False, allow_infinity=False).map(av.Float32),
+    st.floats(width=32, allow_nan=False, allow_infinity=False).map(at.Float32),
     st.floats(allow_nan=False, allow_infinity=False),
     decimals,
     st.text(max_size=30),
@@ -66,7 +68,10 @@ short_strings = st.one_of(
 def messages(draw: st.DrawFn, user_id: str | None = "guest") -> OutgoingMessage:
     """An original message with every property drawn, absent or present (user_id: the broker
     accepts only the publishing connection's user)."""
-    maybe = lambda strategy: draw(st.none() | strategy)  # noqa: E731
+
+    def maybe(strategy: st.SearchStrategy[T]) -> T | None:
+        return draw(st.none() | strategy)
+
     return OutgoingMessage(
         body=draw(st.binary(max_size=200)),
         message_id=draw(st.text(string.hexdigits, min_size=1, max_size=40)),
@@ -92,15 +97,15 @@ def every_type_headers(n: int) -> dict[str, Any]:
     return {
         "bool": n % 2 == 0,
         **{f"int-{k.tag.decode()}": k(rng.randint(lo, hi)) for k, (lo, hi) in _INT_RANGES.items()},
-        "float32": av.Float32(rng.random()),
+        "float32": at.Float32(rng.random()),
         "double": rng.random() * 10 ** rng.randint(-300, 300),
         "decimal": Decimal(rng.randint(-(1 << 31), (1 << 31) - 1)).scaleb(-rng.randint(0, 30)),
         "text": f"jöb {n} ✓",
-        "not-utf8": av.LongString(b"\xff\xfe" + n.to_bytes(4, "big")),
+        "not-utf8": at.LongString(b"\xff\xfe" + n.to_bytes(4, "big")),
         "bytes": rng.randbytes(16),
         "when": datetime.fromtimestamp(rng.randint(0, 4_000_000_000), UTC),
-        "micros": av.Timestamp(1_700_000_000_000_000 + n),
+        "micros": at.Timestamp(1_700_000_000_000_000 + n),
         "void": None,
-        "array": [n, "x", [av.Float32(0.5), None], {"k": b"\x00"}],
-        "table": {"nested": {"deeper": [av.Int64L(n), Decimal("1.5")]}},
+        "array": [n, "x", [at.Float32(0.5), None], {"k": b"\x00"}],
+        "table": {"nested": {"deeper": [at.Int64L(n), Decimal("1.5")]}},
     }

@@ -14,12 +14,9 @@ gone has its recorded pids killed (only if their command line still names that d
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-import random
-import re
 import secrets
 import shutil
 import signal
@@ -27,97 +24,27 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.cluster_processes import (
+    ROOT,
+    ClusterError,
+    cmdline,
+    free_port,
+    pid_alive,
+    read_pid,
+    reap_stale_runs,
+)
+
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 EPMD_CANDIDATES = ("/usr/bin/epmd", "/usr/lib/erlang/bin/epmd")
-ROOT = Path(tempfile.gettempdir()) / "bjcluster"
 NODE_NAMES = ("bjca", "bjcb", "bjcc")
 START_TIMEOUT = 90.0
 CTL_TIMEOUT = 60.0
 DLX_CONFIRM_TIMEOUT_MS = 5000
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be started or queried (message includes the node's log tail)."""
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_port(exclude: Collection[int] = ()) -> int:
-    """A free port below the ephemeral range: the kernel never hands it to an outgoing
-    connection or to a ``bind(0)`` elsewhere between our check and the node's listen."""
-    low, _ = _ephemeral_range()
-    candidates = list(range(max(1025, low - 12000), low))
-    random.shuffle(candidates)
-    for port in candidates:
-        if port in exclude:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise ClusterError("no free port below the ephemeral range")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        return ""
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def reap_stale_runs(root: Path = ROOT, chroot: Path | None = None) -> list[int]:
-    """Kill the recorded processes of runs whose owner process is gone; remove their dirs."""
-    killed: list[int] = []
-    if not root.is_dir():
-        return killed
-    for run in root.glob("run-*"):
-        owner = _read_pid(run / "owner.pid")
-        if owner is not None and _pid_alive(owner) and owner != os.getpid():
-            continue  # another live test run
-        for pid_file in run.glob("**/*.pid"):
-            if pid_file.name == "owner.pid":
-                continue
-            pid = _read_pid(pid_file)
-            seen = "/" + str(run.relative_to(chroot)) if chroot else str(run)
-            if pid is not None and _pid_alive(pid) and seen in _cmdline(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        shutil.rmtree(run, ignore_errors=True)
-    return killed
 
 
 @dataclass
@@ -145,13 +72,13 @@ class Node:
         return self.dir / "log"
 
     def pid(self) -> int | None:
-        return _read_pid(self.pid_file)
+        return read_pid(self.pid_file)
 
     def is_running(self) -> bool:
         pid = self.pid()
         # The VM's command line names the run directory (its HOME), not the node directory.
         seen = self.run_dir_seen or str(self.dir.parent)
-        return pid is not None and _pid_alive(pid) and seen in _cmdline(pid)
+        return pid is not None and pid_alive(pid) and seen in cmdline(pid)
 
     def log_tail(self, lines: int = 30) -> str:
         chunks = []
@@ -366,7 +293,7 @@ class RabbitCluster:
             raise ClusterError(f"{node.nodename} is not running")
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         return pid
 
@@ -397,7 +324,7 @@ class RabbitCluster:
         if not os.environ.get("BJCLUSTER_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    # -- queries -------------------------------------------------------------------------
+    # -- the command-line tools ----------------------------------------------------------------
 
     def ctl(
         self, node: Node, *args: str, tool: str = "rabbitmqctl", timeout: float = CTL_TIMEOUT
@@ -436,86 +363,6 @@ class RabbitCluster:
                 return node
         raise ClusterError(f"no node {nodename!r} in this cluster")
 
-    def leader(self, queue: str, via: Node) -> Node:
-        """The node that currently leads quorum queue ``queue``."""
-        rows = self.ctl_json(via, "list_queues", "name", "leader")
-        for row in rows:
-            if row.get("name") == queue and row.get("leader"):
-                return self.node_by_name(str(row["leader"]))
-        raise ClusterError(f"queue {queue!r} has no leader in {rows!r}")
-
-    def quorum_status(self, queue: str, via: Node) -> list[dict[str, Any]]:
-        """Per member: node, Raft state, log and commit index (rabbitmq-queues quorum_status)."""
-        rows = self.ctl_json(via, "quorum_status", queue, tool="rabbitmq-queues")
-        return [{_norm(k): v for k, v in row.items()} for row in rows]
-
-    def fifo_overview(self, queue: str, via: Node) -> dict[str, int]:
-        """Counts from the quorum queue's state machine on ``via``, including dead letters that
-        wait for an at-least-once dead-letter confirm (not part of ``list_queues messages``)."""
-        keys = (
-            "num_messages",
-            "num_ready_messages",
-            "num_checked_out",
-            "num_discarded",
-            "num_discard_checked_out",
-        )
-        expr = (
-            f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
-            "{RaName, _} = amqqueue:get_pid(Q), "
-            "{ok, {_, O}, _} = ra:local_query({RaName, node()}, fun rabbit_fifo:overview/1), "
-            f'io:format("~w~n", [[maps:get(K, O, -1) || K <- [{",".join(keys)}]]]).'
-        )
-        output = self.ctl(via, "eval", expr)
-        numbers = re.findall(r"-?\d+", output.splitlines()[0] if output else "")
-        return dict(zip(keys, map(int, numbers), strict=False))
-
-    def queue_counters(self, queues: Sequence[str], via: Node) -> dict[str, dict[str, int]]:
-        """Per quorum queue: messages, ready, unacked and ``messages_dlx`` (dead letters held for
-        an at-least-once dead-letter confirm, which AMQP's declare-ok never counts). Read with
-        ``rabbit_amqqueue:info`` because ``rabbitmqctl list_queues`` (3.10) refuses the key.
-        A queue that does not answer (no leader) is left out."""
-        keys = ("messages", "messages_ready", "messages_unacknowledged", "messages_dlx")
-        names = ", ".join(f'<<"{q}">>' for q in queues)
-        expr = (
-            '[try {ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, N)), '
-            f"Info = rabbit_amqqueue:info(Q, [{','.join(keys)}]), "
-            'io:format("~s ~w~n", [N, [V || {_, V} <- Info]]) '
-            f"catch _:_ -> ok end || N <- [{names}]], ok."
-        )
-        counters: dict[str, dict[str, int]] = {}
-        for line in self.ctl(via, "eval", expr, timeout=20).splitlines():
-            name, _, values = line.partition(" ")
-            numbers = [int(n) for n in re.findall(r"-?\d+", values)]
-            if len(numbers) == len(keys):
-                counters[name] = dict(zip(keys, numbers, strict=True))
-        return counters
-
-    def wait_caught_up(self, queues: Sequence[str], via: Node, timeout: float = 60.0) -> None:
-        """Wait until every queue has all members online and all commit indexes equal."""
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while True:
-            try:
-                if all(self._caught_up(q, via) for q in queues):
-                    return
-            except ClusterError as exc:  # a member may still be starting
-                last = exc
-            if time.monotonic() > deadline:
-                raise ClusterError(f"quorum replicas did not catch up within {timeout:g}s: {last}")
-            time.sleep(0.5)
-
-    def _caught_up(self, queue: str, via: Node) -> bool:
-        members = self.quorum_status(queue, via)
-        states = {str(m.get("raft_state")) for m in members}
-        commits = {m.get("commit_index") for m in members}
-        if len(members) != len(self.nodes) or not states <= {"leader", "follower"}:
-            return False
-        return "leader" in states and len(commits) == 1
-
-
-def _norm(key: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
-
 
 @contextlib.contextmanager
 def running_cluster(
@@ -528,77 +375,3 @@ def running_cluster(
         yield cluster
     finally:
         cluster.stop()
-
-
-class FailoverProxy:
-    """A loopback TCP proxy that sends each new connection to the first node that accepts it.
-
-    brokerjobs takes one broker URL; in production a load balancer or a Kubernetes Service in
-    front of the cluster plays this part. Open connections are not moved: when their node dies
-    they break, and the client's own reconnect lands on a live node.
-    """
-
-    def __init__(self, upstream_ports: Sequence[int]) -> None:
-        self.upstream_ports = list(upstream_ports)
-        self.port = 0
-        self.connections = 0
-        self.picked: list[int] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # asyncio logs a cancelled connection callback as an error: end quietly instead.
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._serve(reader, writer)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream = None
-        for port in self.upstream_ports:
-            try:
-                upstream = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-            except (OSError, TimeoutError):
-                continue
-            self.picked.append(port)
-            break
-        if upstream is None:
-            writer.close()
-            return
-        self.connections += 1
-        up_reader, up_writer = upstream
-        self._writers.update((writer, up_writer))
-        pipes = [
-            asyncio.ensure_future(self._pipe(reader, up_writer)),
-            asyncio.ensure_future(self._pipe(up_reader, writer)),
-        ]
-        for pipe in pipes:
-            self._tasks.add(pipe)
-            pipe.add_done_callback(self._tasks.discard)
-        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-        for w in (writer, up_writer):
-            w.close()
-            self._writers.discard(w)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()

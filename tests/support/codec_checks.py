@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from brokerjobs import amqp_types as at
 from brokerjobs import amqp_values as av
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.retry import Failure, FailureKind, Park
@@ -25,7 +26,7 @@ def properties_of(message: Delivery | OutgoingMessage) -> dict[str, Any]:
         else:
             value = getattr(message, name)
         if name == "timestamp" and value is not None:
-            value = av.timestamp_seconds(value)
+            value = at.timestamp_seconds(value)
         found[name] = value
     return found
 
@@ -35,8 +36,8 @@ def _canonical_value(value: Any) -> Any:
         return {k: _canonical_value(value[k]) for k in sorted(value)}
     if isinstance(value, list):
         return [_canonical_value(v) for v in value]
-    if type(value) is av.Int64L:
-        return av.Int64(value)
+    if type(value) is at.Int64L:
+        return at.Int64(value)
     return value
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from brokerjobs import amqp_types as at
 from brokerjobs import amqp_values as av
 from brokerjobs.broker.amqp import properties as transport
 from tests.support.amqp_strategies import every_type_headers, header_tables, short_strings
@@ -44,14 +45,15 @@ def test_no_bytes_make_the_property_decoder_raise(data: bytes) -> None:
 def test_every_property_list_survives_the_content_header_decoder(
     headers: dict[str, Any], text: str, stamp: int
 ) -> None:
-    values = {name: text for name in ALL}
+    values: dict[str, Any] = {name: text for name in ALL}
     values.update(headers=headers or None, delivery_mode=2, priority=0, timestamp=stamp)
     frame = struct.pack(">HHQ", 60, 0, 5) + property_list(**values)
     header = transport.decode_content_header(frame)
     properties = header.properties
     assert header.body_size == 5
     assert properties.message_type == properties.message_id == text
-    assert av.timestamp_seconds(properties.timestamp) == stamp
+    assert properties.timestamp is not None
+    assert at.timestamp_seconds(properties.timestamp) == stamp
     assert av.encode_table(properties.headers or {}) == av.encode_table(headers)
 
 
@@ -67,10 +69,10 @@ def test_pamqp_content_headers_go_through_the_brokerjobs_decoder() -> None:
 def test_a_timestamp_in_ms_us_or_ns_stays_its_raw_seconds(seconds: int) -> None:
     # pamqp divided values past 2106 by 1000 and raised past year 9999 ("year 58886").
     decoded = av.decode_properties(
-        property_list(timestamp=seconds, headers={"t": av.Timestamp(seconds)})
+        property_list(timestamp=seconds, headers={"t": at.Timestamp(seconds)})
     )
-    assert decoded["timestamp"] == av.Timestamp(seconds) == decoded["headers"]["t"]
-    assert isinstance(decoded["timestamp"], av.Timestamp)
+    assert decoded["timestamp"] == at.Timestamp(seconds) == decoded["headers"]["t"]
+    assert isinstance(decoded["timestamp"], at.Timestamp)
 
 
 def test_a_timestamp_datetime_can_hold_is_a_utc_datetime() -> None:
@@ -81,11 +83,11 @@ def test_a_timestamp_datetime_can_hold_is_a_utc_datetime() -> None:
 def test_values_keep_the_types_pamqp_lost() -> None:
     table = {
         "double": 0.1,
-        "float": av.Float32(0.1),
-        "wide": av.Int64(5),
-        "unsigned": av.UInt32(7),
+        "float": at.Float32(0.1),
+        "wide": at.Int64(5),
+        "unsigned": at.UInt32(7),
         "bytes": b"\x00\xff",
-        "latin1": av.LongString(b"caf\xe9"),
+        "latin1": at.LongString(b"caf\xe9"),
         "decimal": Decimal("-0.01"),
         "void": None,
     }
@@ -108,7 +110,7 @@ def test_every_type_table_round_trips() -> None:
 
 def test_undecodable_property_lists_degrade_to_their_raw_bytes() -> None:
     unknown_type = struct.pack(">H", 0x2000) + b"\x00\x00\x00\x03\x01kU"
-    deep = {"k": []}
+    deep: dict[str, list[Any]] = {"k": []}
     cursor = deep["k"]
     for _ in range(av.MAX_DEPTH + 5):
         cursor.append([])
@@ -133,14 +135,14 @@ def _raw_table(table: dict[str, Any]) -> bytes:
         ({1, 2}, "set is not an AMQP field type"),
         (1 << 64, "does not fit in 64 bits"),
         (float("nan"), "only finite floats"),
-        (av.Float32(float("inf")), "only finite floats"),
+        (at.Float32(float("inf")), "only finite floats"),
         (Decimal("NaN"), "not finite"),
         (Decimal("1e-300"), "scale 0..255"),
         (datetime(1969, 1, 1, tzinfo=UTC), "outside 0"),
     ],
 )
 def test_a_value_amqp_cannot_carry_is_refused_with_its_header_named(value: Any, why: str) -> None:
-    with pytest.raises(av.UnencodableError, match=f"header 'k': .*{why}"):
+    with pytest.raises(at.UnencodableError, match=f"header 'k': .*{why}"):
         av.encode_table({"k": value})
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 
+from brokerjobs import amqp_types as at
 from brokerjobs import amqp_values as av
 from brokerjobs.archive import read_export, record_line, write_export
 from brokerjobs.envelope import Delivery, OutgoingMessage
@@ -105,8 +106,8 @@ def test_a_copy_keeps_every_property_and_absent_stays_absent() -> None:
             "m",
             "j",
             0,
-            {"h": av.Int64(1)},
-            av.Timestamp(1 << 40),
+            {"h": at.Int64(1)},
+            at.Timestamp(1 << 40),
             "text/plain",
             60_000,
             1,
@@ -123,9 +124,9 @@ def test_a_copy_keeps_every_property_and_absent_stays_absent() -> None:
         0, 1, "gzip", "r",
     )  # fmt: skip
     assert (copy.timestamp, copy.cluster_id, copy.user_id, copy.expiration_ms) == (
-        av.Timestamp(1 << 40), "cl", None, None,
+        at.Timestamp(1 << 40), "cl", None, None,
     )  # fmt: skip
     assert copy.headers == {
         "h": 1, "bj-original-user-id": "guest", "bj-original-expiration": "60000",
     }  # fmt: skip
-    assert type(copy.headers["h"]) is av.Int64
+    assert type(copy.headers["h"]) is at.Int64

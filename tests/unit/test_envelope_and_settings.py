@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
 import pytest
 from pydantic import BaseModel
 
@@ -62,7 +66,9 @@ def test_decode_round_trips_and_falls_back_to_the_routing_key() -> None:
         (b"x" * 1001, {}, "exceeds the limit of 1000"),
     ],
 )
-def test_decode_explains_why_a_delivery_is_not_a_job(body: bytes, kw: dict, reason: str) -> None:
+def test_decode_explains_why_a_delivery_is_not_a_job(
+    body: bytes, kw: dict[str, Any], reason: str
+) -> None:
     result = decode(delivery(body, **kw), JOBS, 1000)
     assert isinstance(result, Undecodable)
     assert reason in result.reason
@@ -115,7 +121,7 @@ def test_settings_errors_name_the_setting_and_never_the_password(
     assert "p@" not in repr(settings)
 
 
-def test_tls_settings_build_a_verifying_context(tmp_path) -> None:
+def test_tls_settings_build_a_verifying_context(tmp_path: Path) -> None:
     settings = load_settings(url="amqps://u:p@broker.example:5671/")
     context = settings.ssl_context()
     assert context is not None and context.check_hostname
@@ -166,6 +172,7 @@ def test_a_fresh_job_goes_out_exactly_as_pamqp_encoded_it() -> None:
     from brokerjobs.broker.amqp.properties import properties as _properties
 
     message = encode(Welcome(user_id=1))
+    assert isinstance(message.timestamp, datetime)  # a fresh job's timestamp; for mypy
     expected = Basic.Properties(
         content_type=message.content_type,
         delivery_mode=2,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
-from brokerjobs.amqp_values import Int8, LongString, Timestamp
+from brokerjobs.amqp_types import Int8, LongString, Timestamp
 from brokerjobs.envelope import Delivery
+from brokerjobs.parked import ParkedJob
 from brokerjobs.parked_view import render_job, table_rows, utc_text
-from brokerjobs.parking import ParkedJob
 
 TRACEBACK = 'Traceback (most recent call last):\n  File "jobs.py", line 3\nValueError: bad'
 
@@ -43,7 +43,7 @@ def section(text: str, title: str) -> list[str]:
     return lines.splitlines()
 
 
-def test_every_time_is_printed_in_one_iso_form_in_utc():
+def test_every_time_is_printed_in_one_iso_form_in_utc() -> None:
     berlin = timezone(timedelta(hours=1))
     assert utc_text(datetime(2026, 12, 1, 11, 33, 26, 123456, tzinfo=berlin)) == (
         "2026-12-01T10:33:26.123Z"
@@ -52,7 +52,7 @@ def test_every_time_is_printed_in_one_iso_form_in_utc():
     assert utc_text(None) == "-"
 
 
-def test_show_prints_the_traceback_as_lines_and_times_in_one_form():
+def test_show_prints_the_traceback_as_lines_and_times_in_one_form() -> None:
     text = render_job(parked(), "shop.emails.parked")
     assert section(text, "traceback") == [f"  {line}" for line in TRACEBACK.splitlines()]
     assert "\\n" not in text
@@ -63,7 +63,7 @@ def test_show_prints_the_traceback_as_lines_and_times_in_one_form():
     assert "  attempts   5" in text  # a typed header int prints as its number
 
 
-def test_show_groups_headers_by_who_set_them():
+def test_show_groups_headers_by_who_set_them() -> None:
     death = {
         "count": 1,
         "reason": "rejected",
@@ -94,12 +94,12 @@ def test_show_groups_headers_by_who_set_them():
     assert [line.split()[0] for line in other] == ["tenant", "x-request-id"]
 
 
-def test_a_timestamp_beyond_datetime_is_shown_raw_not_reinterpreted():
+def test_a_timestamp_beyond_datetime_is_shown_raw_not_reinterpreted() -> None:
     job = parked(**{"bj-scheduled-for": Timestamp(2**40)})
     assert f"{2**40} (a raw timestamp beyond year 9999)" in render_job(job, "q.parked")
 
 
-def test_list_prints_parked_at_in_the_same_form():
+def test_list_prints_parked_at_in_the_same_form() -> None:
     assert table_rows([parked()]) == [[
         "3f2a", "email.send", "bad", "5", "2026-12-01T10:33:26.123Z",
     ]]  # fmt: skip

@@ -30,7 +30,7 @@ def test_classic_queues_get_the_fewest_priority_levels_that_serve() -> None:
 def test_jobs_without_a_priority_are_fine_everywhere() -> None:
     for kind in ("classic", "quorum"):
         for version in ((), V3_10, V4_0, V4_3):
-            assert check_queue("q", kind, None, {"a": 0}, version) == []  # type: ignore[arg-type]
+            assert check_queue("q", kind, None, {"a": 0}, version) == []
 
 
 @pytest.mark.parametrize("version", [(), V3_10, V4_0, V4_3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 from brokerjobs import App, ConfigError, job
 from brokerjobs.errors import JobDefinitionError
 from brokerjobs.scheduler import (
+    CatchUp,
     Cron,
     Every,
     TickPlan,
@@ -82,62 +84,65 @@ def test_interval_ticks_are_anchored_to_the_epoch_and_never_drift() -> None:
 GRACE = timedelta(seconds=30)
 
 
+# case, rule, done through, now, catch_up, the ticks to publish, the ticks skipped
+PLAN_CASES = [
+    # on time: the tick the leader woke up for, in every mode
+    ("on time", SEC, "12:00:04", "12:00:05.01", "latest", ["12:00:05"], None),
+    ("on time", SEC, "12:00:04", "12:00:05.01", "none", ["12:00:05"], None),
+    ("on time", SEC, "12:00:04", "12:00:05.01", "all", ["12:00:05"], None),
+    ("early wake", SEC, "12:00:04", "12:00:04.999", "latest", [], None),
+    ("nothing new", SEC, "12:00:05", "12:00:05.5", "all", [], None),
+    ("clock behind state", SEC, "12:00:09", "12:00:05", "all", [], None),
+    # a short handover: every late tick is within grace, none is skipped
+    ("handover", SEC, "12:00:04", "12:00:07.2", "latest",
+     ["12:00:05", "12:00:06", "12:00:07"], None),
+    ("handover", SEC, "12:00:04", "12:00:07.2", "none",
+     ["12:00:05", "12:00:06", "12:00:07"], None),
+    # down for hours: only ticks more than `grace` late count as missed
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "latest", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "latest", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "none", [], ("09:05:00", "12:00:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "latest", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "none", ["12:00:00"],
+     ("09:05:00", "11:55:00")),
+    ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "none", [], ("09:05:00", "12:00:00")),
+    ("downtime", FIVE_MIN, "11:40:00", "12:03:00", "all",
+     ["11:45:00", "11:50:00", "11:55:00", "12:00:00"], None),
+    ("latest + on time", FIVE_MIN, "11:00:00", "12:00:10", "latest", ["12:00:00"],
+     ("11:05:00", "11:55:00")),
+    ("latest + on time", SEC, "12:00:00", "12:01:00.5", "latest",
+     [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
+    ("none, all late", SEC, "12:00:00", "12:01:00.5", "none",
+     [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
+    # `all` is bounded: the most recent 100 ticks
+    ("all, bounded", SEC, "11:00:00", "12:00:00", "all",
+     [(t("11:58:21") + timedelta(seconds=s)).strftime("%H:%M:%S") for s in range(100)],
+     ("11:00:01", "11:58:20")),
+    ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 03:00:01", "latest",
+     ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
+    ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "latest",
+     ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
+    ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "all",
+     ["2024-01-02 03:00:00", "2024-01-03 03:00:00"], None),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("case", "rule", "done", "now", "catch_up", "ticks", "skipped"),
-    [
-        # on time: the tick the leader woke up for, in every mode
-        ("on time", SEC, "12:00:04", "12:00:05.01", "latest", ["12:00:05"], None),
-        ("on time", SEC, "12:00:04", "12:00:05.01", "none", ["12:00:05"], None),
-        ("on time", SEC, "12:00:04", "12:00:05.01", "all", ["12:00:05"], None),
-        ("early wake", SEC, "12:00:04", "12:00:04.999", "latest", [], None),
-        ("nothing new", SEC, "12:00:05", "12:00:05.5", "all", [], None),
-        ("clock behind state", SEC, "12:00:09", "12:00:05", "all", [], None),
-        # a short handover: every late tick is within grace, none is skipped
-        ("handover", SEC, "12:00:04", "12:00:07.2", "latest",
-         ["12:00:05", "12:00:06", "12:00:07"], None),
-        ("handover", SEC, "12:00:04", "12:00:07.2", "none",
-         ["12:00:05", "12:00:06", "12:00:07"], None),
-        # down for hours: only ticks more than `grace` late count as missed
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "latest", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "latest", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:40", "none", [], ("09:05:00", "12:00:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "latest", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:00:10", "none", ["12:00:00"],
-         ("09:05:00", "11:55:00")),
-        ("downtime", FIVE_MIN, "09:00:00", "12:03:00", "none", [], ("09:05:00", "12:00:00")),
-        ("downtime", FIVE_MIN, "11:40:00", "12:03:00", "all",
-         ["11:45:00", "11:50:00", "11:55:00", "12:00:00"], None),
-        ("latest + on time", FIVE_MIN, "11:00:00", "12:00:10", "latest", ["12:00:00"],
-         ("11:05:00", "11:55:00")),
-        ("latest + on time", SEC, "12:00:00", "12:01:00.5", "latest",
-         [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
-        ("none, all late", SEC, "12:00:00", "12:01:00.5", "none",
-         [f"12:00:{s:02}" for s in range(31, 60)] + ["12:01:00"], ("12:00:01", "12:00:30")),
-        # `all` is bounded: the most recent 100 ticks
-        ("all, bounded", SEC, "11:00:00", "12:00:00", "all",
-         [(t("11:58:21") + timedelta(seconds=s)).strftime("%H:%M:%S") for s in range(100)],
-         ("11:00:01", "11:58:20")),
-        ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 03:00:01", "latest",
-         ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
-        ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "latest",
-         ["2024-01-03 03:00:00"], ("2024-01-02 03:00:00", "2024-01-02 03:00:00")),
-        ("new day", Cron("0 3 * * *"), "2024-01-01 03:00:00", "2024-01-03 04:00:00", "all",
-         ["2024-01-02 03:00:00", "2024-01-03 03:00:00"], None),
-    ],
-)  # fmt: skip
+    ("case", "rule", "done", "now", "catch_up", "ticks", "skipped"), PLAN_CASES
+)
 def test_plan_publishes_on_time_ticks_and_applies_catch_up_to_missed_ones(
     case: str,
     rule: Every | Cron,
     done: str,
     now: str,
-    catch_up: str,
+    catch_up: CatchUp,
     ticks: list[str],
     skipped: tuple[str, str] | None,
 ) -> None:
-    plan = plan_ticks(rule, t(done), t(now), catch_up, GRACE)  # type: ignore[arg-type]
+    plan = plan_ticks(rule, t(done), t(now), catch_up, GRACE)
     assert [x.isoformat() for x in plan.ticks] == [t(x).isoformat() for x in ticks], case
     assert plan.skipped == (None if skipped is None else (t(skipped[0]), t(skipped[1]))), case
     assert plan.done_through == max(t(done), at_or_before(rule, t(now))), case
@@ -170,7 +175,9 @@ def test_targets_are_a_job_a_job_class_or_a_factory_with_or_without_the_tick() -
     assert make_schedule(Render, every=60).job_for(tick) == Render()
     assert make_schedule(lambda: Render(), every=60, name="a").job_for(tick) == Render()
     assert make_schedule(make_tick, every=60).job_for(tick) == Render(at=tick)
-    assert make_schedule(lambda at: Render(at=at), every=60, name="b").job_for(tick).at == tick
+    made = make_schedule(lambda at: Render(at=at), every=60, name="b").job_for(tick)
+    assert isinstance(made, Render)  # for mypy: job_for returns a BaseModel
+    assert made.at == tick
 
 
 def test_default_names_are_stable_and_describe_the_rule() -> None:
@@ -200,7 +207,9 @@ class NotAJob(BaseModel):
         ("report.render", {"every": 5}, "not 'report.render'"),
     ],
 )
-def test_bad_schedules_are_refused_with_the_fix(target: object, options: dict, error: str) -> None:
+def test_bad_schedules_are_refused_with_the_fix(
+    target: object, options: dict[str, Any], error: str
+) -> None:
     with pytest.raises(ConfigError, match=error):
         make_schedule(target, **options)  # type: ignore[arg-type]
 
@@ -212,7 +221,7 @@ def test_plain_models_cannot_be_scheduled() -> None:
     with pytest.raises(JobDefinitionError):
         factory.job_for(t("12:00:00"))
     with pytest.raises(ConfigError, match="made int, not a job"):
-        make_schedule(lambda: 3, every=5, name="int").job_for(t("12:00:00"))  # type: ignore[arg-type,return-value]
+        make_schedule(lambda: 3, every=5, name="int").job_for(t("12:00:00"))  # type: ignore[arg-type]
 
 
 def test_app_refuses_two_schedules_with_one_name() -> None:

@@ -53,7 +53,9 @@ async def test_a_nacked_retry_copy_is_published_again_before_the_original_is_ack
     assert channel.log == ["nack q.retry.1s", "nack q.retry.1s", "confirm q.retry.1s", "ack 7"]
 
 
-async def test_a_copy_that_is_never_confirmed_leaves_the_original_unacked(monkeypatch) -> None:
+async def test_a_copy_that_is_never_confirmed_leaves_the_original_unacked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr("brokerjobs.settlement.NACK_RETRY_S", 0.3)
     channel = NackingChannel(nacks=10_000)
     settlement = Settlement(channel, "q", Telemetry.off())
