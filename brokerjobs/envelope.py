@@ -161,6 +161,39 @@ def new_job_id() -> str:
     return os.urandom(16).hex()
 
 
+# The basic properties a published message and its delivery share under the same name (the
+# others: ``expiration_ms``/``expiration`` and ``user_id``, which copies move into headers).
+_SHARED_PROPERTIES = (
+    "job_name", "priority", "timestamp", "content_type", "delivery_mode", "correlation_id",
+    "app_id", "content_encoding", "reply_to", "cluster_id",
+)  # fmt: skip
+
+
+def delivered(
+    message: OutgoingMessage,
+    *,
+    delivery_tag: int,
+    exchange: str,
+    routing_key: str,
+    redelivered: bool,
+    headers: dict[str, Any],
+) -> Delivery:
+    """``message`` as a consumer receives it (what a broker that is not a wire delivers)."""
+    expiration = message.expiration_ms
+    return Delivery(
+        message.body,
+        delivery_tag,
+        exchange,
+        routing_key,
+        redelivered,
+        message_id=message.message_id,
+        headers=headers,
+        expiration=str(expiration) if expiration is not None else None,
+        user_id=message.user_id,
+        **{name: getattr(message, name) for name in _SHARED_PROPERTIES},
+    )
+
+
 def copy_of(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
     """The same job with new headers, for retries, parking and replays: body, id and every
     property as delivered (absent stays absent), except ``user_id`` and ``expiration``, which
@@ -174,17 +207,8 @@ def copy_of(delivery: Delivery, headers: dict[str, Any]) -> OutgoingMessage:
     return OutgoingMessage(
         body=delivery.body,
         message_id=delivery.message_id or new_job_id(),
-        job_name=delivery.job_name,
-        priority=delivery.priority,
         headers=headers,
-        timestamp=delivery.timestamp,
-        content_type=delivery.content_type,
-        delivery_mode=delivery.delivery_mode,
-        correlation_id=delivery.correlation_id,
-        app_id=delivery.app_id,
-        content_encoding=delivery.content_encoding,
-        reply_to=delivery.reply_to,
-        cluster_id=delivery.cluster_id,
+        **{name: getattr(delivery, name) for name in _SHARED_PROPERTIES},
     )
 
 

@@ -10,6 +10,7 @@ not met) none. Export and import go through ``archive``: verified files, re-runn
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +47,10 @@ __all__ = [
     "Selection",
     "replay_message",
 ]
+
+
+DEPTH_REREADS = 20
+DEPTH_REREAD_S = 0.05
 
 
 class ParkingLot:
@@ -109,9 +114,24 @@ class ParkingLot:
                 await channel.close()
 
     async def depth(self) -> int:
+        """How many jobs are parked. A quorum queue's reported count lags messages that were
+        just returned (a scan before this one kept them): a count of 0 is checked with a get,
+        and read again until it shows them."""
         channel = await self.connection.channel(confirms=False)
         try:
-            return (await channel.inspect_queue(self.parking_queue)).messages
+            count = (await channel.inspect_queue(self.parking_queue)).messages
+            if count > 0:
+                return count
+            probe = await channel.get(self.parking_queue)
+            if probe is None:
+                return 0
+            await channel.nack(probe.delivery_tag, requeue=True)
+            for _ in range(DEPTH_REREADS):
+                count = (await channel.inspect_queue(self.parking_queue)).messages
+                if count > 0:
+                    return count
+                await asyncio.sleep(DEPTH_REREAD_S)
+            return 1  # the count never caught up: at least the one the get saw
         finally:
             await channel.close()
 

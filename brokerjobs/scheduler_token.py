@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 import uuid
 from collections import deque
@@ -19,6 +17,7 @@ from datetime import UTC, datetime
 from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage
+from brokerjobs.identity import process_identity
 from brokerjobs.schedule import State, covers, decode_state, encode_state, merge_state
 
 log = logging.getLogger("brokerjobs.scheduler")
@@ -93,7 +92,7 @@ class TokenSession:
             message_id=message_id,
             job_name=None,
             priority=0,
-            headers={"bj-scheduler": f"{socket.gethostname()}:{os.getpid()}"},
+            headers={"bj-scheduler": process_identity()},
             timestamp=datetime.now(UTC),
             content_type=CONTENT_TYPE,
         )

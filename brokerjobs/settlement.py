@@ -6,8 +6,6 @@ unacked, so the broker redelivers it. That may duplicate a job, never lose one.
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +16,7 @@ from brokerjobs import envelope as wire
 from brokerjobs.broker.base import MessageChannel
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.errors import PublishNacked
+from brokerjobs.identity import process_identity
 from brokerjobs.retry import Decision, Failure, Park, Retry, RetryPolicy, clamp_attempt, decide
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name, retry_queue_name
@@ -26,7 +25,6 @@ from brokerjobs.validation import trace_id
 MAX_TRACEBACK_CHARS = 4000
 NACK_RETRY_S = 3.0  # then the original is requeued and the worker opens new channels
 MAX_ERROR_CHARS = 1000
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Settlement:
@@ -115,7 +113,7 @@ def _failure_headers(headers: dict[str, Any], failure: Failure) -> None:
     headers[wire.LAST_FAILED_AT] = now
     headers[wire.ERROR_TYPE] = failure.error_type or failure.kind.value
     headers[wire.ERROR_MESSAGE] = failure.reason[:MAX_ERROR_CHARS]
-    headers[wire.WORKER] = WORKER_ID
+    headers[wire.WORKER] = process_identity()
 
 
 def _traceback(exc: BaseException) -> str:

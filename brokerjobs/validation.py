@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from brokerjobs.amqp_types import Timestamp
 
@@ -20,7 +20,7 @@ MAX_HEADER_INT = 2**31 - 1
 
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)  # possessive: linear on any input
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT = re.compile(r"\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*")
 
 
 def header_int(
@@ -114,13 +114,29 @@ def _depth_exceeds(brackets: bytes, limit: int) -> bool:
     return False
 
 
+class TraceParent(NamedTuple):
+    trace_id: str  # 32 lowercase hex digits, not all zero
+    span_id: str  # 16 lowercase hex digits, not all zero
+    flags: int
+
+
+def parse_traceparent(value: object) -> TraceParent | None:
+    """A W3C ``traceparent`` header (str or bytes) read strictly; None if absent or malformed:
+    the one parser of trace context, for the failure envelope and for span links."""
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", "replace")
+    match = _TRACEPARENT.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    version, trace, span, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    if trace == "0" * 32 or span == "0" * 16:
+        return None
+    return TraceParent(trace, span, int(flags, 16))
+
+
 def trace_id(traceparent: object) -> str | None:
     """The trace id of a well-formed W3C ``traceparent`` value, else None."""
-    if isinstance(traceparent, bytes | bytearray):
-        traceparent = bytes(traceparent).decode("ascii", "replace")
-    if not isinstance(traceparent, str):
-        return None
-    match = _TRACEPARENT.fullmatch(traceparent.strip())
-    if match is None or match[1] == "0" * 32:
-        return None
-    return match[1]
+    parsed = parse_traceparent(traceparent)
+    return parsed.trace_id if parsed is not None else None

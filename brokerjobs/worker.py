@@ -107,6 +107,7 @@ class Worker:
         self._executors = Executors(self.settings.sync_workers)
         self._lifecycle = Pipeline((*app.middleware, *self._middleware))
         self._announced = False
+        self._warned: set[str] = set()
         self.health_port: int | None = None
         self._last_problems: list[str] = []
         self._settle_margin_s = self.settings.confirm_timeout + SETTLE_MARGIN_S
@@ -283,7 +284,9 @@ class Worker:
         if errors:
             raise ConfigError("; ".join(errors))
         for finding in findings:
-            log.warning("job priorities not honoured as written: %s", finding.message)
+            if finding.message not in self._warned:  # once per worker, not per reconnect
+                self._warned.add(finding.message)
+                log.warning("job priorities not honoured as written: %s", finding.message)
 
     async def _start_consumer(self, session: _Session, queue: str) -> None:
         prefetch = self.app.queues[queue].prefetch or self.settings.prefetch

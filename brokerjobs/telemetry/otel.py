@@ -10,7 +10,6 @@ and replays are themselves ``send`` spans. Loaded only when telemetry may be on 
 
 from __future__ import annotations
 
-import re
 import time
 import weakref
 from collections import Counter
@@ -37,6 +36,7 @@ from opentelemetry.trace import (
 from brokerjobs import envelope as wire
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.telemetry import Processing
+from brokerjobs.validation import parse_traceparent
 
 SYSTEM = "rabbitmq"
 # Attribute names from the messaging semantic conventions.
@@ -296,7 +296,6 @@ def _metric_attributes(
     return attributes
 
 
-_TRACEPARENT = re.compile(r"\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*")
 _ROOT = Context()
 # Only the rarer second link is labelled: link attributes are validated on every span.
 _ORIGINAL_LINK = {"brokerjobs.link": "original"}
@@ -320,18 +319,11 @@ def _remote_context(traceparent: object) -> SpanContext | None:
     Parsed here rather than through ``propagate.extract``, which builds a Context and a span
     per header: a fifth of the cost of tracing a delivery.
     """
-    if isinstance(traceparent, bytes):
-        traceparent = traceparent.decode("ascii", "replace")
-    match = _TRACEPARENT.fullmatch(traceparent) if isinstance(traceparent, str) else None
-    if match is None:
+    parsed = parse_traceparent(traceparent)
+    if parsed is None:
         return None
-    version, trace_id, span_id, flags, rest = match.groups()
-    if version == "ff" or (version == "00" and rest):
-        return None
-    context = SpanContext(
-        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
-    )
-    return context if context.is_valid else None
+    trace, span, flags = parsed
+    return SpanContext(int(trace, 16), int(span, 16), is_remote=True, trace_flags=TraceFlags(flags))
 
 
 def configure_otlp(environ: Mapping[str, str]) -> None:

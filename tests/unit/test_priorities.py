@@ -149,3 +149,13 @@ def test_the_start_up_check_warns_in_plain_words(
         [warning] = warnings
         assert warning.startswith("job priorities not honoured as written: ")
         assert expected in warning
+
+
+def test_the_start_up_warning_is_given_once_not_on_every_reconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = Worker(_app("classic", 5), make_settings())
+    with caplog.at_level(logging.WARNING, "brokerjobs.worker"):
+        for _ in range(3):  # each session checks again
+            worker._check_priorities(V4_0)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1

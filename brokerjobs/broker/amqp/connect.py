@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import socket
 import ssl
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -22,6 +20,7 @@ import aiormq.exceptions as amqp_errors
 from brokerjobs.broker.amqp.connection import Connection
 from brokerjobs.broker.amqp.errors import CONNECT_ERRORS
 from brokerjobs.errors import BrokerUnreachable
+from brokerjobs.identity import process_identity
 from brokerjobs.redact import redact_url
 from brokerjobs.settings import Settings
 
@@ -73,7 +72,7 @@ async def connect(settings: Settings, role: str) -> Connection:
     credentials fail at once; the password is never part of an error or a log line.
     """
     nodes = settings.amqp_urls
-    properties = {"connection_name": f"brokerjobs {role} {socket.gethostname()}:{os.getpid()}"}
+    properties = {"connection_name": f"brokerjobs {role} {process_identity()}"}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.connect_timeout
     attempt = 0

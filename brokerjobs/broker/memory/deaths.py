@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from brokerjobs.broker.memory.queues import Stored
-from brokerjobs.envelope import Delivery, OutgoingMessage
+from brokerjobs.envelope import Delivery, OutgoingMessage, delivered
 
 # RabbitMQ 3.13 added the x-last-death-* headers.
 LAST_DEATH_SINCE = (3, 13)
@@ -47,24 +47,11 @@ def delivery_of(stored: Stored, tag: int, *, delivery_count: int | None = None) 
     headers = copy.deepcopy(message.headers)
     if delivery_count:
         headers["x-delivery-count"] = delivery_count
-    return Delivery(
-        body=message.body,
+    return delivered(
+        message,
         delivery_tag=tag,
         exchange=stored.exchange,
         routing_key=stored.routing_key,
         redelivered=stored.redelivered,
-        message_id=message.message_id,
-        job_name=message.job_name,
-        content_type=message.content_type,
-        priority=message.priority,
-        timestamp=message.timestamp,
         headers=headers,
-        correlation_id=message.correlation_id,
-        app_id=message.app_id,
-        expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
-        delivery_mode=message.delivery_mode,
-        content_encoding=message.content_encoding,
-        reply_to=message.reply_to,
-        user_id=message.user_id,
-        cluster_id=message.cluster_id,
     )
