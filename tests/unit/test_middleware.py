@@ -87,7 +87,7 @@ async def test_an_undecodable_message_skips_to_after_settle_once() -> None:
 
 
 async def test_a_failing_job_gets_the_decision_before_it_is_carried_out() -> None:
-    decisions: list[object] = []
+    decisions: list[tuple[int, str]] = []
 
     class Decisions(Middleware):
         async def after_failure(self, run: JobRun) -> None:
