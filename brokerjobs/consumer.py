@@ -161,10 +161,10 @@ class QueueConsumer:
     async def _process(self, delivery: Delivery) -> None:
         pipeline = self._pipeline
         run = JobRun(delivery, self.queue) if pipeline.watches_deliveries else None
-        if run is not None and pipeline.received:
-            await pipeline.run(pipeline.received, run)
         done: list[Settled] = []  # set once settled: an error after that must not settle again
         try:
+            if run is not None and pipeline.received:
+                await pipeline.run(pipeline.received, run)
             await self._decode_run_settle(delivery, run, done)
         except _GIVEN_BACK as exc:
             done.append(Settled(Outcome.REQUEUED, reason=type(exc).__name__))
@@ -174,7 +174,7 @@ class QueueConsumer:
         finally:
             if run is not None and pipeline.after_settle:
                 run.settled = done[0] if done else REQUEUED
-                await pipeline.run(pipeline.after_settle, run)
+                await pipeline.run_all(pipeline.after_settle, run)
 
     async def _unexpected(self, delivery: Delivery, exc: Exception, done: list[Settled]) -> None:
         """Park a delivery that met an error nobody expected, instead of holding it forever."""
@@ -184,18 +184,18 @@ class QueueConsumer:
             return
         log.error("job %s: %s; parking it", delivery.message_id, what, exc_info=exc)
         failure = Failure(FailureKind.POISON, what, None, UNEXPECTED_ERROR, exc)
-        done.append(Settled(Outcome.PARKED, UNEXPECTED_ERROR, what))
         try:
             await self._settlement.failed(delivery, NO_RETRY, failure)
         except asyncio.CancelledError:
             raise
         except _NOT_THE_MESSAGE:
-            raise
+            raise  # not settled: the outcome stays "requeued"
         except Exception as again:
             # Even the parking copy fails (say, a header nothing can re-encode): reject it,
             # and the main queue's dead-letter target (the parking queue) takes it as it is.
             log.error("job %s: parking failed too (%r): rejecting it", delivery.message_id, again)
             await self._settlement.reject(delivery)
+        done.append(Settled(Outcome.PARKED, UNEXPECTED_ERROR, what))
 
     async def _decode_run_settle(
         self, delivery: Delivery, run: JobRun | None, done: list[Settled]

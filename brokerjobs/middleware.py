@@ -1,8 +1,8 @@
 """The delivery pipeline: ordered middleware around each delivery and each publish.
 
 A middleware subclasses ``Middleware`` and overrides the hooks it needs; every hook is optional.
-For one delivery the worker calls, in this order (each hook on every middleware, in the order
-they were added):
+For one delivery the worker calls, in this order (the before-points on every middleware in the
+order they were added, the after-points in the reverse order, as layers unwind):
 
 1. ``received(run)``: the delivery arrived (``run.job`` is still None).
 2. ``decoded(run)``: the body is a valid job of a known type (``run.job``, ``run.job_name``).
@@ -14,8 +14,9 @@ they were added):
 
 A worker calls ``worker_started(worker)`` once consuming began and ``worker_stopping(worker)``
 when it drains. A publisher calls ``before_publish(message, exchange, routing_key)`` for every
-message it sends (it may add headers). An exception in a hook is logged and never changes how
-the delivery settles: the pipeline observes and decorates, settlement decides.
+message it sends (it may add headers; one that raises stops that publish, with its error). An
+exception in a delivery hook is logged and never changes how the delivery settles: the pipeline
+observes and decorates, settlement decides.
 
 Hooks the subclass does not override are never called: with no middleware (or none that
 overrides a point) that point costs one empty-tuple check.
@@ -23,6 +24,7 @@ overrides a point) that point costs one empty-tuple check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -146,9 +148,11 @@ class Pipeline:
         self.received = self._hooks["received"]
         self.decoded = self._hooks["decoded"]
         self.before_handler = self._hooks["before_handler"]
-        self.after_success = self._hooks["after_success"]
-        self.after_failure = self._hooks["after_failure"]
-        self.after_settle = self._hooks["after_settle"]
+        # After-points run in reverse order, as layers unwind: the first middleware (telemetry,
+        # whose span holds the others) sees the delivery first and last.
+        self.after_success = self._hooks["after_success"][::-1]
+        self.after_failure = self._hooks["after_failure"][::-1]
+        self.after_settle = self._hooks["after_settle"][::-1]
         self.publishing: tuple[Callable[[OutgoingMessage, str, str], None], ...] = tuple(
             m.before_publish for m in self.middleware if _overrides(m, "before_publish")
         )
@@ -165,6 +169,20 @@ class Pipeline:
                 await hook(run)
             except Exception:
                 log.exception("middleware %s failed on job %s", _name(hook), run.job_id)
+
+    async def run_all(self, hooks: tuple[Hook, ...], run: JobRun) -> None:
+        """As ``run``, but every hook runs even if the task is cancelled meanwhile (a shutdown
+        past its grace period): the cancellation is raised again after the last one."""
+        cancelled: asyncio.CancelledError | None = None
+        for hook in hooks:
+            try:
+                await hook(run)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+            except Exception:
+                log.exception("middleware %s failed on job %s", _name(hook), run.job_id)
+        if cancelled is not None:
+            raise cancelled
 
     async def worker_event(self, point: str, worker: Any) -> None:
         for hook in self._hooks[point]:

@@ -50,6 +50,9 @@ class SessionSupervisor(Generic[S]):
         retry_on: tuple[type[BaseException], ...] = (ConnectionLost,),
         stable_after: float = STABLE_AFTER_S,
     ) -> None:
+        """``retry_on``: set-up errors followed by a new session. A TopologyError (a queue
+        deleted, access refused for a while) is retried too once a session has run; before
+        that, and a TopologyMismatch always, it is raised: the configuration is wrong."""
         self._broker = broker
         self._role = role
         self._stop = stop
@@ -95,7 +98,12 @@ class SessionSupervisor(Generic[S]):
         """Serve one session; None after a stop, else how long it lived."""
         self.session, self.opened_at = session, time.monotonic()
         try:
-            reason = await owner.serve_session(session, self._stop)
+            try:
+                reason = await owner.serve_session(session, self._stop)
+            except BaseException:  # cancelled, or a bug: never leave the connection open
+                with contextlib.suppress(Exception):
+                    await owner.close_session(session, stopping=False)
+                raise
             lived = time.monotonic() - self.opened_at
             if reason is not None:
                 self._log.warning("%s after %.1fs", reason, lived)

@@ -27,7 +27,7 @@ from brokerjobs.broker.base import Broker, MessageChannel
 from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int, new_job_id
-from brokerjobs.errors import ConnectionLost, UnroutableJob
+from brokerjobs.errors import BrokerUnreachable, ConnectionLost, UnroutableJob
 from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings
 from brokerjobs.topology import status_exchange_name
@@ -189,6 +189,11 @@ class _Subscription:
     channel: Channel
 
 
+def _report_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the status tracker stopped following events: %s", task.exception())
+
+
 class StatusTracker:
     """Follows the status events of an app's jobs into a store; awaits completions.
 
@@ -227,19 +232,33 @@ class StatusTracker:
         await self.close()
 
     async def start(self) -> None:
-        """Subscribe; returns once subscribed (raises what the first connect raised)."""
+        """Subscribe; returns once subscribed. Raises what the first connect raised, or
+        BrokerUnreachable if no subscription came up within ``connect_timeout``."""
         self._stop.clear()
         self._task = asyncio.create_task(self._sessions.run(self))
+        self._task.add_done_callback(_report_end)
         subscribed = asyncio.ensure_future(self.ready.wait())
-        await asyncio.wait((self._task, subscribed), return_when=asyncio.FIRST_COMPLETED)
-        subscribed.cancel()
-        if self._task.done():
+        try:
+            await asyncio.wait(
+                (self._task, subscribed),
+                timeout=self.settings.connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            subscribed.cancel()
+            if not self.ready.is_set() and not self._task.done():
+                self._task.cancel()  # gave up, or start() itself was cancelled
+        if self._task.done() and not self._task.cancelled():
             self._task.result()
+        if not self.ready.is_set():
+            raise BrokerUnreachable(
+                f"the status tracker could not subscribe within {self.settings.connect_timeout:g}s"
+            )
 
     async def close(self) -> None:
         self._stop.set()
         if self._task is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._task
 
     async def open_session(self, connection: Connection) -> _Subscription:

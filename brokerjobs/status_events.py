@@ -1,4 +1,5 @@
-"""Status events as middleware: active (with progress) before the handler, the outcome after."""
+"""Status events as middleware: active (with progress) before the handler, "completed" before the
+ack, "retried" or "parked" once the retry or parking copy is confirmed."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ class StatusEvents(Middleware):
         run.state[self] = (reporter, reporter.started())
 
     async def after_success(self, run: JobRun) -> None:
+        # Before the ack, as always: a crash between the two repeats the event, never loses it.
         self._unbind(run)
+        reporter: StatusReporter = run.state[self][0]
+        await reporter.completed(run.result)
 
     async def after_failure(self, run: JobRun) -> None:
         self._unbind(run)
@@ -38,9 +42,7 @@ class StatusEvents(Middleware):
         self._unbind(run)
         reporter = held[0]
         error = run.failure.reason if run.failure is not None else settled.reason or ""
-        if settled.outcome is Outcome.COMPLETED:
-            await reporter.completed(run.result)
-        elif settled.outcome is Outcome.RETRIED:
+        if settled.outcome is Outcome.RETRIED:
             await reporter.failed("retried", error)
         elif settled.outcome is Outcome.PARKED:
             await reporter.failed("parked", error)

@@ -108,7 +108,7 @@ class TestBroker:
         self.telemetry = telemetry or Telemetry()
         self.topology = app.topology()
         self.outcomes: list[JobOutcome] = []
-        self.memory = MemoryBroker(deliver_when_run=True)
+        self.memory = MemoryBroker(hold_roles={"worker"})  # the worker's deliveries wait
         """The broker itself: ``memory.clock``, ``memory.channel_failures``, ... """
         selected = app.select_queues(queues)
         self.worker: Worker | None = None
@@ -274,10 +274,7 @@ class TestBroker:
         """Send every parked job of ``queue`` back to it, as ``brokerjobs parked replay`` does."""
         main = self.topology.queue(self._parking_of(queue)).main
         async with ParkingLot(self.settings, main, broker=self.memory) as lot:
-            replaying = asyncio.ensure_future(lot.replay())
-            while not replaying.done():  # deliveries wait for a run: drive them meanwhile
-                await self.memory.run_until_idle()
-            return replaying.result().replayed
+            return (await lot.replay()).replayed  # the replayed jobs wait for the next run
 
     def _parking_of(self, queue: str) -> str:
         planned = self.topology.queue(queue)

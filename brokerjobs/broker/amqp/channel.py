@@ -275,7 +275,14 @@ class Channel(Declaring):
             await callback(to_delivery(message))
 
         with link_failures(f"consuming {queue!r}", lambda: self.is_closed):
-            ok = await channel.basic_consume(queue, on_message, no_ack=no_ack)
+            try:
+                ok = await channel.basic_consume(queue, on_message, no_ack=no_ack)
+            except amqp_errors.ChannelNotFoundEntity:
+                raise TopologyError(
+                    f"queue {queue!r} does not exist: run `brokerjobs topology declare MODULE:APP`"
+                ) from None
+            except (amqp_errors.ChannelAccessRefused, amqp_errors.ChannelLockedResource) as exc:
+                raise TopologyError(f"cannot consume queue {queue!r}: {exc}") from None
         return str(ok.consumer_tag)
 
     async def cancel(self, consumer_tag: str) -> None:

@@ -16,7 +16,7 @@ delivered and every callback finished.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from brokerjobs.broker.memory.connection import MemoryConnection
 from brokerjobs.broker.memory.core import Core, VirtualClock
@@ -43,13 +43,14 @@ class MemoryBroker:
     """A ``Broker`` in this process; see the module docstring for what it plays."""
 
     def __init__(
-        self, *, server_version: Sequence[int] = DEFAULT_VERSION, deliver_when_run: bool = False
+        self, *, server_version: Sequence[int] = DEFAULT_VERSION, hold_roles: Iterable[str] = ()
     ) -> None:
-        """``deliver_when_run``: messages wait until ``run_until_idle`` or ``advance`` hands
-        them to consumers (as TestBroker does); by default they are delivered at once."""
+        """``hold_roles``: consumers of connections with these roles (``connect(role)``) get
+        messages only when ``run_until_idle`` or ``advance`` runs (TestBroker holds the
+        worker's); all others, and every consumer by default, get them at once."""
         self.clock = VirtualClock()
         self._core = Core(self.clock, tuple(server_version))
-        self._core.hold = deliver_when_run
+        self._core.held_roles = frozenset(hold_roles)
         self.connections: list[MemoryConnection] = []
         self.unreachable = False  # True: connect raises BrokerUnreachable
 

@@ -183,7 +183,8 @@ class MemoryChannel:
         with self._channel_errors(f"consuming {queue!r}"):
             target = self._core.queue(queue, self._owner)
         tag = f"ctag{self.number}.{next(self._consumer_tags)}"
-        consumer = Consumer(tag, queue, self, callback, no_ack)
+        held = getattr(self._owner, "role", None) in self._core.held_roles
+        consumer = Consumer(tag, queue, self, callback, no_ack, held=held)
         self._consumers[tag] = consumer
         target.consumers.append(consumer)
         self._core.dispatch()

@@ -34,7 +34,7 @@ class Core:
     """Everything the broker holds, shared by all its connections and channels."""
 
     def __init__(self, clock: VirtualClock, version: tuple[int, ...]) -> None:
-        self.hold = False
+        self.held_roles: frozenset[str] = frozenset()
         self.clock = clock
         self.version = version
         self.queues: dict[str, MemoryQueue] = {}
@@ -176,14 +176,12 @@ class Core:
     def dispatch(self, *, driven: bool = False) -> int:
         """Hand every deliverable message to a consumer with credit; how many were handed.
 
-        With ``hold`` set, only a ``driven`` dispatch (``run_until_idle``, ``advance``) hands
-        anything: deliveries happen when a test says so."""
-        if self.hold and not driven:
-            return 0
+        Consumers of connections in ``held_roles`` get messages only from a ``driven`` dispatch
+        (``run_until_idle``, ``advance``): their deliveries happen when a test says so."""
         self.expire()
         handed = 0
         for queue in list(self.queues.values()):
-            while len(queue) and (consumer := queue.next_consumer()) is not None:
+            while len(queue) and (consumer := queue.next_consumer(driven=driven)) is not None:
                 consumer.channel.deliver(consumer, queue, queue.pop())
                 handed += 1
         self.deliveries += handed

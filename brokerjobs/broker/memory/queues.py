@@ -62,6 +62,7 @@ class Consumer:
     callback: DeliveryCallback
     no_ack: bool
     unacked: int = 0
+    held: bool = False  # deliveries wait for a driven dispatch (see MemoryBroker(hold_roles))
 
     def has_credit(self) -> bool:
         prefetch = self.channel.prefetch
@@ -123,18 +124,19 @@ class MemoryQueue:
         ttls = [ttl for ttl in (self._ttl_ms, head.message.expiration_ms) if ttl is not None]
         return round(head.enqueued_at + min(ttls) / 1000, 6) if ttls else None
 
-    def next_consumer(self) -> Consumer | None:
+    def next_consumer(self, *, driven: bool = True) -> Consumer | None:
         """Who gets the next message: round-robin among consumers with credit, or only the
-        first (the active) one with ``x-single-active-consumer``."""
+        first (the active) one with ``x-single-active-consumer``; held consumers only when
+        ``driven``."""
         if not self.consumers:
             return None
         if self.single_active:
             active = self.consumers[0]
-            return active if active.has_credit() else None
+            return active if active.has_credit() and (driven or not active.held) else None
         count = len(self.consumers)
         for step in range(count):
             consumer = self.consumers[(self._turn + step) % count]
-            if consumer.has_credit():
+            if consumer.has_credit() and (driven or not consumer.held):
                 self._turn = (self._turn + step + 1) % count
                 return consumer
         return None
