@@ -34,13 +34,12 @@ from brokerjobs import envelope as wire
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.telemetry import Processing
 from brokerjobs.telemetry.span_data import (
-    A_ATTEMPT,
     A_JOB,
-    A_MESSAGE_ID,
+    A_ROUTING_KEY,
     DeliveryAttributes,
-    DeliveryLinks,
+    SendAttributes,
+    links_of,
 )
-from brokerjobs.telemetry.span_data import links as _links
 
 SYSTEM = "rabbitmq"
 # Attribute names from the messaging semantic conventions.
@@ -48,7 +47,6 @@ A_SYSTEM = "messaging.system"
 A_DESTINATION = "messaging.destination.name"
 A_OPERATION_TYPE = "messaging.operation.type"
 A_OPERATION_NAME = "messaging.operation.name"
-A_ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
 A_ERROR_TYPE = "error.type"
 A_OUTCOME = "brokerjobs.outcome"
 A_QUEUE = "brokerjobs.queue"
@@ -90,6 +88,8 @@ class OtelTelemetry:
         # Per route and per (queue, error): what every delivery would otherwise rebuild.
         self._routes: dict[tuple[str, str, str], _Shape] = {}
         self._process_metric: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._send_routes: dict[tuple[str, str, str], _Shape] = {}
+        self._send_metrics: dict[tuple[str, str, str | None], dict[str, Any]] = {}
 
     # -- sending (publish, retry, park, replay) ----------------------------------------------
 
@@ -104,22 +104,16 @@ class OtelTelemetry:
         links: Mapping[str, Any] | None = None,
     ) -> Iterator[None]:
         """A PRODUCER span around one confirmed publish; injects its context into the headers."""
-        destination = f"{exchange}:{routing_key}" if exchange else routing_key
-        attributes: dict[str, Any] = {
-            A_SYSTEM: SYSTEM,
-            A_DESTINATION: destination,
-            A_OPERATION_TYPE: "send",
-            A_OPERATION_NAME: operation,
-            A_ROUTING_KEY: routing_key,
-            A_MESSAGE_ID: message.message_id,
-            A_JOB: message.job_name or routing_key,
-            A_ATTEMPT: wire.header_int(message.headers, wire.ATTEMPT, 1),
-        }
-        span_links = _links(links) if links else ()
+        route = (exchange, routing_key, operation)
+        shape = self._send_routes.get(route)
+        if shape is None:
+            shape = self._send_shape(*route)
+        attributes = SendAttributes(message, shape[1])
+        destination = shape[1][A_DESTINATION]
         started = time.perf_counter()
         error: str | None = None
         with self._tracer.start_as_current_span(
-            f"send {destination}", kind=SpanKind.PRODUCER, attributes=attributes, links=span_links
+            shape[0], kind=SpanKind.PRODUCER, attributes=attributes, links=links_of(links)
         ) as span:
             if "traceparent" in message.headers:
                 message.headers.setdefault(
@@ -136,10 +130,36 @@ class OtelTelemetry:
             finally:
                 self._sent[(destination, operation, error)] += 1
                 self._operation_duration.record(
-                    time.perf_counter() - started, _metric_attributes(destination, operation, error)
+                    time.perf_counter() - started, self._send_metric(destination, operation, error)
                 )
         if operation == "replay" and error is None:
             self._replayed.add(1, {A_JOB: attributes[A_JOB]})
+
+    def _send_shape(self, exchange: str, routing_key: str, operation: str) -> _Shape:
+        destination = f"{exchange}:{routing_key}" if exchange else routing_key
+        attributes = {
+            A_SYSTEM: SYSTEM,
+            A_DESTINATION: destination,
+            A_OPERATION_TYPE: "send",
+            A_OPERATION_NAME: operation,
+            A_ROUTING_KEY: routing_key,
+        }
+        if len(self._send_routes) >= _CACHE_LIMIT:
+            self._send_routes.clear()
+        shape = self._send_routes[exchange, routing_key, operation] = (
+            f"send {destination}",
+            attributes,
+        )
+        return shape
+
+    def _send_metric(self, destination: str, operation: str, error: str | None) -> dict[str, Any]:
+        key = (destination, operation, error)
+        attributes = self._send_metrics.get(key)
+        if attributes is None:
+            if len(self._send_metrics) >= _CACHE_LIMIT:
+                self._send_metrics.clear()
+            attributes = self._send_metrics[key] = _metric_attributes(*key)
+        return attributes
 
     # -- processing --------------------------------------------------------------------------
 
@@ -154,14 +174,12 @@ class OtelTelemetry:
         shape = self._routes.get(route)
         if shape is None:
             shape = self._route_shape(*route)
-        headers = delivery.headers
-        traced = "traceparent" in headers or wire.ORIGINAL_TRACEPARENT in headers
         span = self._tracer.start_span(
             shape[0],
             context=_ROOT,  # a new trace per delivery, linked to its creator
             kind=SpanKind.CONSUMER,
             attributes=DeliveryAttributes(delivery, job, shape[1]),
-            links=DeliveryLinks(headers) if traced else (),
+            links=links_of(delivery.headers),
         )
         return SpanProcessing(self, span, span.is_recording(), job, queue)
 

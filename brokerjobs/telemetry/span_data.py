@@ -1,5 +1,5 @@
-"""What a process span records beyond its route, built only when the SDK reads it (for a span
-it records): the delivery's attributes, and links parsed from its W3C trace headers."""
+"""What a span records beyond its route, built only when the SDK reads it (for a span it
+records): a delivery's or message's own attributes, and links parsed from W3C trace headers."""
 
 from __future__ import annotations
 
@@ -10,38 +10,32 @@ from typing import Any, overload
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 from brokerjobs import envelope as wire
-from brokerjobs.envelope import Delivery
+from brokerjobs.envelope import Delivery, OutgoingMessage
 
 # Attribute names from the messaging semantic conventions, and brokerjobs' own.
 A_DELIVERY_TAG = "messaging.rabbitmq.message.delivery_tag"
 A_MESSAGE_ID = "messaging.message.id"
 A_JOB = "brokerjobs.job.name"
 A_ATTEMPT = "brokerjobs.job.attempt"
+A_ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
 
 
-class DeliveryAttributes(Mapping[str, Any]):
-    """A process span's attributes, built on first read (the SDK reads them only for a span
-    it records: an unsampled delivery never builds them)."""
+class LazyAttributes(Mapping[str, Any]):
+    """Span attributes built on first read (the SDK reads them only for a span it records, so
+    an unsampled span never builds them); a sampler that reads them sees them all."""
 
-    __slots__ = ("_built", "_delivery", "_job", "_route")
+    __slots__ = ("_built",)
 
-    def __init__(self, delivery: Delivery, job: str, route: dict[str, Any]) -> None:
-        self._delivery = delivery
-        self._job = job
-        self._route = route
+    def __init__(self) -> None:
         self._built: dict[str, Any] | None = None
+
+    def _build(self) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _attributes(self) -> dict[str, Any]:
         built = self._built
         if built is None:
-            delivery = self._delivery
-            built = self._built = {
-                **self._route,
-                A_DELIVERY_TAG: delivery.delivery_tag,
-                A_MESSAGE_ID: delivery.message_id or "",
-                A_JOB: self._job,
-                A_ATTEMPT: delivery.attempt,
-            }
+            built = self._built = self._build()
         return built
 
     def __getitem__(self, key: str) -> Any:
@@ -55,6 +49,52 @@ class DeliveryAttributes(Mapping[str, Any]):
 
     def items(self) -> ItemsView[str, Any]:
         return self._attributes().items()
+
+
+class DeliveryAttributes(LazyAttributes):
+    """A process span's attributes: its route's (shared, cached) and the delivery's own."""
+
+    __slots__ = ("_delivery", "_job", "_route")
+
+    def __init__(self, delivery: Delivery, job: str, route: dict[str, Any]) -> None:
+        super().__init__()
+        self._delivery, self._job, self._route = delivery, job, route
+
+    def _build(self) -> dict[str, Any]:
+        delivery = self._delivery
+        return {
+            **self._route,
+            A_DELIVERY_TAG: delivery.delivery_tag,
+            A_MESSAGE_ID: delivery.message_id or "",
+            A_JOB: self._job,
+            A_ATTEMPT: delivery.attempt,
+        }
+
+
+class SendAttributes(LazyAttributes):
+    """A send span's attributes: its route's (shared, cached) and the message's own."""
+
+    __slots__ = ("_message", "_route")
+
+    def __init__(self, message: OutgoingMessage, route: dict[str, Any]) -> None:
+        super().__init__()
+        self._message, self._route = message, route
+
+    def _build(self) -> dict[str, Any]:
+        message = self._message
+        return {
+            **self._route,
+            A_MESSAGE_ID: message.message_id,
+            A_JOB: message.job_name or self._route[A_ROUTING_KEY],
+            A_ATTEMPT: wire.header_int(message.headers, wire.ATTEMPT, 1),
+        }
+
+
+def links_of(headers: Mapping[str, Any] | None) -> Sequence[Link]:
+    """The links for ``headers`` (see ``links``), parsed only if read; () without trace headers."""
+    if not headers or ("traceparent" not in headers and wire.ORIGINAL_TRACEPARENT not in headers):
+        return ()
+    return DeliveryLinks(headers)
 
 
 class DeliveryLinks(Sequence[Link]):

@@ -1,6 +1,6 @@
 """A process span's own attributes and links are built only for a span that records: an
 unsampled delivery builds none, a recorded one gets all of them, and a sampler that reads the
-attributes sees all of them."""
+attributes sees all of them; send spans the same."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
-from brokerjobs.envelope import Delivery
+from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.telemetry import Telemetry
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -116,3 +116,26 @@ def test_a_sampler_that_reads_the_attributes_sees_all_of_them() -> None:
     assert sampler.seen["messaging.message.id"] == "job-1"
     assert sampler.seen["brokerjobs.job.name"] == "email.send"
     assert sampler.seen["messaging.system"] == "rabbitmq"
+
+
+def send_one(sampler: Sampler) -> list[ReadableSpan]:
+    kept = Keep()
+    tracer_provider = TracerProvider(sampler=sampler)
+    tracer_provider.add_span_processor(kept)
+    telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    message = OutgoingMessage(b"{}", "job-2", "email.send", None, {"bj-attempt": 3})
+    with telemetry.sending(message, "shop", "email.send"):
+        pass
+    return kept.spans
+
+
+def test_send_spans_get_their_attributes_lazily_too() -> None:
+    assert send_one(ALWAYS_OFF) == []
+    [span] = send_one(ALWAYS_ON)
+    attributes: Mapping[str, Any] = span.attributes or {}
+    assert attributes["messaging.message.id"] == "job-2"
+    assert attributes["brokerjobs.job.attempt"] == 3
+    assert attributes["messaging.destination.name"] == "shop:email.send"
+    sampler = Peeking()
+    send_one(sampler)
+    assert sampler.seen["brokerjobs.job.name"] == "email.send"
