@@ -4,6 +4,7 @@ the outbox is off) confirms, returns and nacks each message as its own, whatever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +13,13 @@ import pytest
 
 from brokerjobs.broker.amqp import Channel
 from brokerjobs.envelope import OutgoingMessage, new_job_id
-from brokerjobs.errors import PublishNacked, TopologyError, UnencodableMessage, UnroutableJob
+from brokerjobs.errors import (
+    PublishInterrupted,
+    PublishNacked,
+    TopologyError,
+    UnencodableMessage,
+    UnroutableJob,
+)
 from tests.support.broker import Broker, unique
 
 LIMIT_S = 30.0
@@ -131,3 +138,22 @@ async def test_a_routing_key_over_255_bytes_is_refused_before_sending(
         await channel.publish(message(), "", "k" * 256)
     await channel.publish(message(), "", queue)  # the channel is still fine
     assert len(await broker.drain(queue)) == 1
+
+
+@bounded
+async def test_publishes_waiting_when_the_channel_closes_are_interrupted(
+    broker: Broker, channel: Channel
+) -> None:
+    queue = await queue_on(broker, channel, {})
+    sent = [message() for _ in range(300)]
+    batch = asyncio.ensure_future(channel.publish_many([(m, "", queue) for m in sent], 1000))
+    alone = asyncio.ensure_future(channel.publish(message(), "", queue))
+    await asyncio.sleep(0)  # a scheduling yield, not a wait: both tasks submit their frames
+    await channel.close()
+    failed = await batch
+    assert all(isinstance(error, PublishInterrupted) for _, error in failed)
+    with contextlib.suppress(PublishInterrupted):
+        await alone
+    assert channel.unconfirmed == 0
+    stored = {d.message_id for d in await broker.drain(queue)}
+    assert {m.message_id for m, _ in failed} | stored >= {m.message_id for m in sent}

@@ -18,11 +18,12 @@ import contextlib
 import struct
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import aiormq
+import aiormq.exceptions
 from aiormq.abc import ChannelFrame
+from aiormq.channel import Returning
 
 from brokerjobs.errors import UnencodableMessage
 
@@ -36,7 +37,7 @@ _METHOD_CACHE_LIMIT = 256
 # aiormq's basic_publish.
 _NEEDED = (
     "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue",
-    "create_future", "max_content_size", "number", "publisher_confirms",
+    "closing", "max_content_size", "number", "publisher_confirms",
 )  # fmt: skip
 
 
@@ -55,29 +56,67 @@ def _short_string(value: str, what: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-def _forget(ids: dict[str, int], message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
-    if ids.get(message_id) == tag:
-        del ids[message_id]
+class _Entry:
+    """One queued publish: its frames until written, then its delivery tag; settles itself
+    when its future completes (one callback per message, not aiormq's three)."""
+
+    __slots__ = ("frames", "future", "ids", "message_id", "on_settled", "tag")
+
+    def __init__(
+        self,
+        frames: bytes,
+        message_id: str,
+        future: asyncio.Future[Any],
+        ids: dict[str, int],
+        on_settled: Callable[[], None] | None,
+    ) -> None:
+        self.frames = frames
+        self.message_id = message_id
+        self.ids = ids
+        self.on_settled = on_settled
+        self.tag = 0  # 0: not written
+        self.future = future
+        future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        if self.tag and self.ids.get(self.message_id) == self.tag:
+            del self.ids[self.message_id]  # as aiormq forgets ids for returns
+        if not future.cancelled():
+            future.exception()  # retrieved: a caller that gave up leaves no "never retrieved"
+        if self.on_settled is not None:
+            self.on_settled()
 
 
 class Outbox:
-    """Queues mandatory publishes of one confirm channel; each gets aiormq's confirmation
-    future (an ack, the returned message, or the channel's close reason)."""
+    """Queues mandatory publishes of one confirm channel; each gets a future that aiormq's
+    reader settles (an ack, the returned message, a nack's DeliveryError) and that the outbox
+    fails with the channel's close reason when the channel closes."""
 
-    __slots__ = ("_backlog", "_ch", "_drainer", "_loop", "_methods", "_pending")
+    __slots__ = ("_backlog", "_ch", "_drainer", "_loop", "_methods", "_pending", "_watch")
 
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._ch: Any = channel
         self._loop = asyncio.get_running_loop()
-        self._pending: list[tuple[bytes, asyncio.Future[Any], str]] = []
+        self._pending: list[_Entry] = []
         self._methods: dict[tuple[str, str], bytes] = {}
         self._backlog: deque[ChannelFrame] = deque()  # waiting for room in the write queue
         self._drainer: asyncio.Future[None] | None = None
+        self._watch: asyncio.Future[Any] = channel.closing
+        self._watch.add_done_callback(self._closed)
 
     def submit(
-        self, body: bytes, exchange: str, routing_key: str, properties: bytes, message_id: str
+        self,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        properties: bytes,
+        message_id: str,
+        on_settled: Callable[[], None] | None = None,
     ) -> asyncio.Future[Any]:
-        """Raises UnencodableMessage for an exchange or routing key over 255 bytes."""
+        """Queue one publish; ``on_settled`` runs when its future completes, however.
+
+        Raises UnencodableMessage for an exchange or routing key over 255 bytes.
+        """
         method = self._methods.get((exchange, routing_key))
         if method is None:
             method = self._method_frame(exchange, routing_key)
@@ -89,11 +128,13 @@ class Outbox:
             chunk = body[start : start + limit] if size > limit else body
             frames += (_END, _FRAME.pack(3, number, len(chunk)), chunk)
         frames.append(_END)
-        future: asyncio.Future[Any] = self._ch.create_future()
+        ids = self._ch.message_id_delivery_tag
+        future = self._loop.create_future()
+        entry = _Entry(b"".join(frames), message_id, future, ids, on_settled)
         if not self._pending:
             self._loop.call_soon(self._flush)
-        self._pending.append((b"".join(frames), future, message_id))
-        return future
+        self._pending.append(entry)
+        return entry.future
 
     def _method_frame(self, exchange: str, routing_key: str) -> bytes:
         payload = b"".join(
@@ -111,22 +152,41 @@ class Outbox:
         return frame
 
     def _flush(self) -> None:
+        if self._ch.is_closed:
+            return  # _closed fails what is pending
         pending, self._pending = self._pending, []
-        channel = self._ch
-        confirmations, ids = channel.confirmations, channel.message_id_delivery_tag
-        tag = channel.delivery_tag
+        confirmations = self._ch.confirmations
+        ids = self._ch.message_id_delivery_tag
+        tag = self._ch.delivery_tag
         parts = []
-        for frames, future, message_id in pending:
-            if future.done():  # cancelled before it was sent, or the channel closed
+        for entry in pending:
+            if entry.future.done():  # its caller gave up before it was sent
                 continue
             tag += 1
-            confirmations[tag] = future
-            ids[message_id] = tag
-            future.add_done_callback(partial(_forget, ids, message_id, tag))
-            parts.append(frames)
-        channel.delivery_tag = tag
+            entry.tag = tag
+            confirmations[tag] = entry.future
+            ids[entry.message_id] = tag
+            parts.append(entry.frames)
+            entry.frames = b""
+        self._ch.delivery_tag = tag
         if parts:
             self._write(ChannelFrame(payload=b"".join(parts), should_close=False))
+
+    def _closed(self, closing: asyncio.Future[Any]) -> None:
+        """Fail every unsettled publish with the channel's close reason, as aiormq fails its
+        own futures (a ConnectionError subclass for a lost connection, the broker's channel
+        error for a refused publish)."""
+        reason: BaseException | None = None
+        if not closing.cancelled():
+            reason = closing.exception()
+        if reason is None or isinstance(reason, asyncio.CancelledError):
+            reason = aiormq.exceptions.ChannelInvalidStateError("the channel closed")
+        pending, self._pending = self._pending, []
+        waiting = [entry.future for entry in pending]
+        waiting += self._ch.confirmations.values()
+        for future in waiting:
+            if not future.done() and not isinstance(future, Returning):
+                future.set_exception(reason)
 
     def _write(self, frame: ChannelFrame) -> None:
         if not self._backlog:
@@ -158,7 +218,8 @@ class Outbox:
 
 
 class Window:
-    """Counts the unsettled publishes of one batch; waits for room below ``size``."""
+    """Counts the unsettled publishes of one batch (``opened``, then ``settled`` as each
+    one's ``on_settled``); waits for room below ``size``."""
 
     __slots__ = ("_limit", "_on_settled", "_waiter", "open", "size")
 
@@ -173,11 +234,10 @@ class Window:
     def full(self) -> bool:
         return self.open >= self.size
 
-    def add(self, future: asyncio.Future[Any]) -> None:
+    def opened(self) -> None:
         self.open += 1
-        future.add_done_callback(self._settled)
 
-    def _settled(self, _: asyncio.Future[Any]) -> None:
+    def settled(self) -> None:
         self.open -= 1
         self._on_settled()
         waiter = self._waiter

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -124,11 +124,12 @@ class Publishing:
                         await gate.room()
                     tried += 1
                     try:
-                        future = self._submit(message, exchange, routing_key, properties(message))
+                        encoded = properties(message)
+                        future = self._submit(message, exchange, routing_key, encoded, gate.settled)
                     except PublishError as exc:
                         failed.append((message, exc))
                         continue
-                    gate.add(future)
+                    gate.opened()
                     sent.append((future, message, exchange, routing_key))
                 await gate.empty()
         except TimeoutError:
@@ -190,14 +191,20 @@ class Publishing:
             self._close_scope(scope)
 
     def _submit(
-        self, message: OutgoingMessage, exchange: str, routing_key: str, encoded: Any
+        self,
+        message: OutgoingMessage,
+        exchange: str,
+        routing_key: str,
+        encoded: Any,
+        on_settled: Callable[[], None] | None = None,
     ) -> asyncio.Future[Any]:
-        """Queue one publish in the outbox; raises PublishInterrupted if the channel is gone."""
+        """Queue one publish in the outbox; raises PublishInterrupted if the channel is gone.
+        ``on_settled`` (a batch's) runs when it settles; else the caller calls _settled."""
         if self.broken or self._ch.is_closed:
             raise self._interrupted(message)
         assert self._outbox is not None
         future = self._outbox.submit(
-            message.body, exchange, routing_key, encoded.marshal(), message.message_id
+            message.body, exchange, routing_key, encoded.marshal(), message.message_id, on_settled
         )
         self._unconfirmed += 1
         return future
