@@ -218,7 +218,7 @@ async def _expect_retry_queues_empty(bench: Bench, variant: str) -> None:
         await admin.expect_depth(0, f"after the retry run ({variant})", queue)
 
 
-def _telemetry_metrics(value_name: str) -> tuple[Metric, ...]:
+def _telemetry_metrics(value_name: str, target: float) -> tuple[Metric, ...]:
     return (
         Metric("rate", "drain {jobs} jobs, prefetch {prefetch}", "msg/s", True),
         Metric(
@@ -228,7 +228,7 @@ def _telemetry_metrics(value_name: str) -> tuple[Metric, ...]:
             False,
             value_name=value_name,
             derive=overhead,
-            target=0.15,
+            target=target,
         ),
         Metric("cpu_us_per_job", "  consumer CPU time per job", "us", False),
         Metric("sdk_floor_us", "  SDK floor per job: bare span + 1 histogram record", "us", False),
@@ -243,7 +243,7 @@ _TELEMETRY_OFF = Arm(
 
 @scenario(
     "telemetry",
-    *_telemetry_metrics("telemetry_overhead"),
+    *_telemetry_metrics("telemetry_overhead", 0.20),  # issue 12: every span recorded
     arms=(
         _TELEMETRY_OFF,
         Arm(
@@ -262,7 +262,7 @@ async def telemetry(bench: Bench, arm: str) -> Result:
 
 @scenario(
     "sampled",
-    *_telemetry_metrics("telemetry_overhead_sampled"),
+    *_telemetry_metrics("telemetry_overhead_sampled", 0.10),  # metrics + 10% traced
     arms=(
         _TELEMETRY_OFF,
         Arm(

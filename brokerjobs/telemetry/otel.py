@@ -24,19 +24,22 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import (
-    Link,
-    SpanContext,
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
     TracerProvider,
 )
 
 from brokerjobs import envelope as wire
 from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.telemetry import Processing
-from brokerjobs.validation import parse_traceparent
+from brokerjobs.telemetry.span_data import (
+    A_JOB,
+    A_ROUTING_KEY,
+    DeliveryAttributes,
+    SendAttributes,
+    links_of,
+)
 
 SYSTEM = "rabbitmq"
 # Attribute names from the messaging semantic conventions.
@@ -44,15 +47,12 @@ A_SYSTEM = "messaging.system"
 A_DESTINATION = "messaging.destination.name"
 A_OPERATION_TYPE = "messaging.operation.type"
 A_OPERATION_NAME = "messaging.operation.name"
-A_ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
-A_DELIVERY_TAG = "messaging.rabbitmq.message.delivery_tag"
-A_MESSAGE_ID = "messaging.message.id"
 A_ERROR_TYPE = "error.type"
-A_JOB = "brokerjobs.job.name"
-A_ATTEMPT = "brokerjobs.job.attempt"
 A_OUTCOME = "brokerjobs.outcome"
 A_QUEUE = "brokerjobs.queue"
 A_ROLE = "brokerjobs.queue.role"
+_CACHE_LIMIT = 1024
+_Shape = tuple[str, dict[str, Any]]  # a process span's name, its route's attributes
 
 
 def _is_configured(provider: object, *defaults: str) -> bool:
@@ -86,6 +86,11 @@ class OtelTelemetry:
         self._parked = meter.create_counter("brokerjobs.jobs.parked", "{job}")
         self._replayed = meter.create_counter("brokerjobs.jobs.replayed", "{job}")
         self._slow = meter.create_counter("brokerjobs.jobs.slow", "{job}")
+        # Per route and per (queue, error): what every delivery would otherwise rebuild.
+        self._routes: dict[tuple[str, str, str], _Shape] = {}
+        self._process_metric: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._send_routes: dict[tuple[str, str, str], _Shape] = {}
+        self._send_metrics: dict[tuple[str, str, str | None], dict[str, Any]] = {}
 
     # -- sending (publish, retry, park, replay) ----------------------------------------------
 
@@ -100,19 +105,16 @@ class OtelTelemetry:
         links: Mapping[str, Any] | None = None,
     ) -> Iterator[None]:
         """A PRODUCER span around one confirmed publish; injects its context into the headers."""
-        destination = f"{exchange}:{routing_key}" if exchange else routing_key
-        attributes = _send_attributes(message, destination, routing_key, operation)
-        span_links = _links(links) if links else ()
+        shape = self._send_routes.get((exchange, routing_key, operation))
+        shape = shape or self._send_shape(exchange, routing_key, operation)
+        attributes = SendAttributes(message, shape[1])
+        destination = shape[1][A_DESTINATION]
         started = time.perf_counter()
         error: str | None = None
         with self._tracer.start_as_current_span(
-            f"send {destination}", kind=SpanKind.PRODUCER, attributes=attributes, links=span_links
+            shape[0], kind=SpanKind.PRODUCER, attributes=attributes, links=links_of(links)
         ) as span:
-            if "traceparent" in message.headers:
-                message.headers.setdefault(
-                    wire.ORIGINAL_TRACEPARENT, message.headers["traceparent"]
-                )
-            propagate.inject(message.headers)
+            _inject(message.headers)
             try:
                 yield
             except Exception as exc:
@@ -123,41 +125,83 @@ class OtelTelemetry:
             finally:
                 self._sent[(destination, operation, error)] += 1
                 self._operation_duration.record(
-                    time.perf_counter() - started, _metric_attributes(destination, operation, error)
+                    time.perf_counter() - started, self._send_metric(destination, operation, error)
                 )
         if operation == "replay" and error is None:
             self._replayed.add(1, {A_JOB: attributes[A_JOB]})
 
+    def _send_shape(self, exchange: str, routing_key: str, operation: str) -> _Shape:
+        destination = f"{exchange}:{routing_key}" if exchange else routing_key
+        attributes = {
+            A_SYSTEM: SYSTEM,
+            A_DESTINATION: destination,
+            A_OPERATION_TYPE: "send",
+            A_OPERATION_NAME: operation,
+            A_ROUTING_KEY: routing_key,
+        }
+        if len(self._send_routes) >= _CACHE_LIMIT:
+            self._send_routes.clear()
+        shape = self._send_routes[exchange, routing_key, operation] = (
+            f"send {destination}",
+            attributes,
+        )
+        return shape
+
+    def _send_metric(self, destination: str, operation: str, error: str | None) -> dict[str, Any]:
+        key = (destination, operation, error)
+        attributes = self._send_metrics.get(key)
+        if attributes is None:
+            if len(self._send_metrics) >= _CACHE_LIMIT:
+                self._send_metrics.clear()
+            attributes = self._send_metrics[key] = _metric_attributes(*key)
+        return attributes
+
     # -- processing --------------------------------------------------------------------------
 
     def processing(self, delivery: Delivery, queue: str) -> SpanProcessing:
-        """A CONSUMER span around decoding, the handler and settlement of one delivery."""
+        """A CONSUMER span around decoding, the handler and settlement of one delivery.
+
+        Its attributes and links are built when first read: by the SDK for a span it records
+        (or a sampler that reads them), never for an unsampled delivery.
+        """
         job = delivery.job_name or delivery.routing_key
-        attributes: dict[str, Any] = {
-            A_SYSTEM: SYSTEM,
-            A_DESTINATION: f"{delivery.exchange}:{delivery.routing_key}:{queue}",
-            A_OPERATION_TYPE: "process",
-            A_OPERATION_NAME: "process",
-            A_ROUTING_KEY: delivery.routing_key,
-            A_DELIVERY_TAG: delivery.delivery_tag,
-            A_MESSAGE_ID: delivery.message_id or "",
-            A_JOB: job,
-            A_ATTEMPT: delivery.attempt,
-        }
+        route = (delivery.exchange, delivery.routing_key, queue)
+        shape = self._routes.get(route)
+        if shape is None:
+            shape = self._route_shape(*route)
         span = self._tracer.start_span(
-            f"process {queue}",
+            shape[0],
             context=_ROOT,  # a new trace per delivery, linked to its creator
             kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            links=_links(delivery.headers),
+            attributes=DeliveryAttributes(delivery, job, shape[1]),
+            links=links_of(delivery.headers),
         )
-        return SpanProcessing(self, span, job, queue)
+        return SpanProcessing(self, span, span.is_recording(), job, queue)
+
+    def _route_shape(self, exchange: str, routing_key: str, queue: str) -> _Shape:
+        attributes = {
+            A_SYSTEM: SYSTEM,
+            A_DESTINATION: f"{exchange}:{routing_key}:{queue}",
+            A_OPERATION_TYPE: "process",
+            A_OPERATION_NAME: "process",
+            A_ROUTING_KEY: routing_key,
+        }
+        if len(self._routes) >= _CACHE_LIMIT:
+            self._routes.clear()
+        shape = self._routes[exchange, routing_key, queue] = (f"process {queue}", attributes)
+        return shape
 
     def record_processed(
         self, record: SpanProcessing, job: str, queue: str, duration: float
     ) -> None:
-        self._consumed[(queue, record.outcome, record.error_type)] += 1
-        attributes = _metric_attributes(queue, "process", record.error_type)
+        key = (queue, record.outcome, record.error_type)
+        self._consumed[key] += 1
+        attributes = self._process_metric.get(key[::2])
+        if attributes is None:
+            if len(self._process_metric) >= _CACHE_LIMIT:
+                self._process_metric.clear()
+            attributes = _metric_attributes(queue, "process", record.error_type)
+            self._process_metric[key[::2]] = attributes
         self._process_duration.record(duration, attributes)
         if record.outcome in ("retried", "parked"):
             counter = self._retried if record.outcome == "retried" else self._parked
@@ -226,14 +270,18 @@ class SpanProcessing(Processing):
     """The process span of one delivery while it is current, and the outcome it records.
 
     A plain context manager rather than ``use_span`` in a generator: this runs per delivery.
+    An unsampled span is still made current, so spans the handler starts are unsampled too.
     """
 
-    __slots__ = ("_job", "_queue", "_span", "_started", "_telemetry", "_token")
+    __slots__ = ("_job", "_queue", "_recording", "_span", "_started", "_telemetry", "_token")
 
-    def __init__(self, telemetry: OtelTelemetry, span: trace.Span, job: str, queue: str) -> None:
+    def __init__(
+        self, telemetry: OtelTelemetry, span: trace.Span, recording: bool, job: str, queue: str
+    ) -> None:
         super().__init__()
         self._telemetry = telemetry
         self._span = span
+        self._recording = recording
         self._job = job
         self._queue = queue
         self._started = 0.0
@@ -252,35 +300,27 @@ class SpanProcessing(Processing):
     ) -> None:
         if self._token is not None:
             otel_context.detach(self._token)
-        if isinstance(exc, Exception):  # not CancelledError and other BaseExceptions
-            self._span.record_exception(exc)
-            self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        self._span.end()
+        if self._recording:
+            if isinstance(exc, Exception):  # not CancelledError and other BaseExceptions
+                self._span.record_exception(exc)
+                self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            self._span.end()
         # After the span is no longer current: metrics then skip exemplar sampling.
         duration = time.perf_counter() - self._started
         self._telemetry.record_processed(self, self._job, self._queue, duration)
 
     def settled(self, outcome: str, error_type: str | None = None) -> None:
-        super().settled(outcome, error_type)
+        self.outcome = outcome
+        self.error_type = error_type
+        if not self._recording:
+            return
         self._span.set_attribute(A_OUTCOME, outcome)
         if error_type:
             self._span.set_attribute(A_ERROR_TYPE, error_type)
             self._span.set_status(Status(StatusCode.ERROR, error_type))
 
 
-def _send_attributes(
-    message: OutgoingMessage, destination: str, routing_key: str, operation: str
-) -> dict[str, Any]:
-    return {
-        A_SYSTEM: SYSTEM,
-        A_DESTINATION: destination,
-        A_OPERATION_TYPE: "send",
-        A_OPERATION_NAME: operation,
-        A_ROUTING_KEY: routing_key,
-        A_MESSAGE_ID: message.message_id,
-        A_JOB: message.job_name or routing_key,
-        A_ATTEMPT: wire.header_int(message.headers, wire.ATTEMPT, 1),
-    }
+_ROOT = Context()
 
 
 def _metric_attributes(
@@ -294,36 +334,6 @@ def _metric_attributes(
     if error:
         attributes[A_ERROR_TYPE] = error
     return attributes
-
-
-_ROOT = Context()
-# Only the rarer second link is labelled: link attributes are validated on every span.
-_ORIGINAL_LINK = {"brokerjobs.link": "original"}
-
-
-def _links(headers: Mapping[str, Any]) -> list[Link]:
-    """Links to the context that created the message and, if different, the original publish."""
-    links: list[Link] = []
-    creation = _remote_context(headers.get("traceparent"))
-    if creation is not None:
-        links.append(Link(creation))
-    original = _remote_context(headers.get(wire.ORIGINAL_TRACEPARENT))
-    if original is not None and original != creation:
-        links.append(Link(original, _ORIGINAL_LINK))
-    return links
-
-
-def _remote_context(traceparent: object) -> SpanContext | None:
-    """A W3C ``traceparent`` as a remote span context; None if absent or malformed.
-
-    Parsed here rather than through ``propagate.extract``, which builds a Context and a span
-    per header: a fifth of the cost of tracing a delivery.
-    """
-    parsed = parse_traceparent(traceparent)
-    if parsed is None:
-        return None
-    trace, span, flags = parsed
-    return SpanContext(int(trace, 16), int(span, 16), is_remote=True, trace_flags=TraceFlags(flags))
 
 
 def configure_otlp(environ: Mapping[str, str]) -> None:
@@ -350,3 +360,10 @@ def configure_otlp(environ: Mapping[str, str]) -> None:
     trace.set_tracer_provider(tracer_provider)
     reader = PeriodicExportingMetricReader(OTLPMetricExporter())
     metrics.set_meter_provider(SdkMeterProvider(resource=resource, metric_readers=[reader]))
+
+
+def _inject(headers: dict[str, Any]) -> None:
+    """This span's context into the headers; a copy's first trace context is kept aside."""
+    if "traceparent" in headers:
+        headers.setdefault(wire.ORIGINAL_TRACEPARENT, headers["traceparent"])
+    propagate.inject(headers)

@@ -6,7 +6,8 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from brokerjobs.telemetry.otel import _links, _remote_context
+from brokerjobs.telemetry.span_data import links as _links
+from brokerjobs.telemetry.span_data import remote_context as _remote_context
 
 VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 OTHER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
