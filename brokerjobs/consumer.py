@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, retry_if_not_exception_type, stop_after_attempt, wait_fixed
 
 from brokerjobs.app import App, HandlerSpec
 from brokerjobs.broker.base import MessageChannel
@@ -291,6 +290,13 @@ class QueueConsumer:
     async def _call_with_immediate_retries(
         self, handler: HandlerSpec, job: BaseModel, job_id: str
     ) -> object:
+        from tenacity import (  # loaded only by apps that use immediate retries
+            AsyncRetrying,
+            retry_if_not_exception_type,
+            stop_after_attempt,
+            wait_fixed,
+        )
+
         async for attempt in AsyncRetrying(
             retry=retry_if_not_exception_type(_SIGNALS),
             stop=stop_after_attempt(handler.retry.immediate_retries + 1),

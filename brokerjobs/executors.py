@@ -16,11 +16,13 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
-import multiprocessing
-import multiprocessing.connection
+import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 log = logging.getLogger("brokerjobs.executors")
 
@@ -100,7 +102,7 @@ class ProcessRunner:
     """Process handlers, one job per process at a time; a timed-out one's process is killed."""
 
     def __init__(self, size: int | None = None) -> None:
-        self.size = size or multiprocessing.cpu_count()
+        self.size = size or os.cpu_count() or 1
         self._slots = asyncio.Semaphore(self.size)
         self._idle: list[_Process] = []
         self.killed = 0
@@ -134,7 +136,7 @@ class RemoteError(Exception):
     """A process handler raised an exception that could not be sent back as it was."""
 
 
-def _serve(connection: multiprocessing.connection.Connection) -> None:
+def _serve(connection: Connection) -> None:
     """The child's loop: run each (func, arg) received and send back its outcome."""
     while True:
         try:
@@ -153,6 +155,8 @@ def _serve(connection: multiprocessing.connection.Connection) -> None:
 
 class _Process:
     def __init__(self) -> None:
+        import multiprocessing  # loaded only by apps with process handlers
+
         context = multiprocessing.get_context("forkserver")  # safe beside threads, unlike fork
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve, args=(child,), daemon=True)

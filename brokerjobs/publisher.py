@@ -10,7 +10,6 @@ from types import TracebackType
 from typing import Any, Self
 
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from brokerjobs.app import App
 from brokerjobs.broker import default_broker
@@ -159,6 +158,13 @@ class Publisher:
             return  # the common case, without building a retry loop
         if self._attempts <= 1:
             raise error
+        from tenacity import (  # only when a publish was not confirmed: rare
+            AsyncRetrying,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_exponential,
+        )
+
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_RETRYABLE),
             stop=stop_after_attempt(self._attempts - 1),

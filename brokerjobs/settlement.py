@@ -10,8 +10,6 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
-
 from brokerjobs import envelope as wire
 from brokerjobs.broker.base import MessageChannel
 from brokerjobs.envelope import Delivery, OutgoingMessage
@@ -70,6 +68,13 @@ class Settlement:
             return
         except PublishNacked:
             pass
+        from tenacity import (  # only after a nack: rare
+            AsyncRetrying,
+            retry_if_exception_type,
+            stop_after_delay,
+            wait_exponential,
+        )
+
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(PublishNacked),
             stop=stop_after_delay(NACK_RETRY_S),
