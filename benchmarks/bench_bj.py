@@ -39,6 +39,14 @@ import brokerjobs
 from brokerjobs import App, Publisher, RetryPolicy, Settings, Worker, current_job, job
 from brokerjobs.telemetry import Telemetry
 
+# The AMQP client loads when a component first connects (``brokerjobs.broker.default_broker``);
+# a worker process has it loaded before its first job. Loaded here, as the raw arms load theirs,
+# so that neither "start to first job" nor "RSS after imports" compares import order.
+try:
+    import brokerjobs.broker.amqp
+except ImportError:  # a --baseline tree from before the broker package
+    import brokerjobs.transport  # type: ignore[import-not-found,unused-ignore]
+
 # One short retry tier; a job failing twice is parked. Only the retry scenario's handler fails.
 RETRY = RetryPolicy(delays=(RETRY_DELAY_S,), max_attempts=2)
 
