@@ -56,7 +56,7 @@ class JobRun:
         "result",
         "settled",
         "started_at",
-        "state",
+        "_state",
     )
 
     def __init__(self, delivery: Delivery, queue: str) -> None:
@@ -70,8 +70,14 @@ class JobRun:
         self.failure: Failure | None = None
         self.decision: Decision | None = None
         self.settled: Settled | None = None
-        # Per-delivery scratch space for middleware, keyed by the middleware itself.
-        self.state: dict[object, Any] = {}
+        self._state: dict[object, Any] | None = None
+
+    @property
+    def state(self) -> dict[object, Any]:
+        """Per-delivery scratch space for middleware, keyed by the middleware itself."""
+        if self._state is None:
+            self._state = {}
+        return self._state
 
     @property
     def job_id(self) -> str:
