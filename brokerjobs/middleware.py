@@ -46,6 +46,7 @@ class JobRun:
     """One delivery as it passes the pipeline: what every hook sees, filled in as it goes."""
 
     __slots__ = (
+        "_state",
         "context",
         "decision",
         "delivery",
@@ -56,7 +57,6 @@ class JobRun:
         "result",
         "settled",
         "started_at",
-        "_state",
     )
 
     def __init__(self, delivery: Delivery, queue: str) -> None:
