@@ -12,7 +12,16 @@ import time
 from pydantic import BaseModel
 
 from brokerjobs import App, Publisher, job
-from tests.support.broker import TEST_URL, Broker, make_settings, running_worker, unique, wait_for
+from tests.support.broker import (
+    TEST_HOST,
+    TEST_PORT,
+    TEST_URL,
+    Broker,
+    make_settings,
+    running_worker,
+    unique,
+    wait_for,
+)
 from tests.support.proxy import TcpProxy
 
 HEARTBEAT = 2
@@ -36,7 +45,7 @@ async def test_a_silent_first_node_makes_the_worker_unready_then_fail_over_to_th
 
     broker.track(app)
 
-    async with TcpProxy() as proxy:
+    async with TcpProxy(TEST_HOST, TEST_PORT) as proxy:  # the broker under test, not 5672's
         settings = make_settings(
             url=f"{proxy.url()},{TEST_URL}",
             heartbeat=HEARTBEAT,

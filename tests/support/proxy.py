@@ -103,7 +103,7 @@ class _Link:
 class TcpProxy:
     """Listens on ``127.0.0.1:<free port>`` and forwards each connection to ``host:port``."""
 
-    def __init__(self, upstream_host: str = "127.0.0.1", upstream_port: int = 5672) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.port = 0
