@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from brokerjobs.envelope import Delivery, OutgoingMessage
@@ -165,46 +165,42 @@ class Pipeline:
         # Whether any delivery hook exists: without one the consumer builds no JobRun.
         self.watches_deliveries = any(self._hooks[p] for p in _DELIVERY_POINTS)
 
-    def __add__(self, other: Sequence[Middleware]) -> Pipeline:
-        return Pipeline((*self.middleware, *other))
-
     async def run(self, hooks: tuple[Hook, ...], run: JobRun) -> None:
         """Call ``hooks`` in order; one that raises is logged and the others still run."""
-        for hook in hooks:
-            try:
-                await hook(run)
-            except Exception:
-                log.exception("middleware %s failed on job %s", _name(hook), run.job_id)
+        await _call_each(hooks, run)
 
     async def run_all(self, hooks: tuple[Hook, ...], run: JobRun) -> None:
         """As ``run``, but every hook runs even if the task is cancelled meanwhile (a shutdown
         past its grace period): the cancellation is raised again after the last one."""
-        cancelled: asyncio.CancelledError | None = None
-        for hook in hooks:
-            try:
-                await hook(run)
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-            except Exception:
-                log.exception("middleware %s failed on job %s", _name(hook), run.job_id)
-        if cancelled is not None:
-            raise cancelled
+        await _call_each(hooks, run, finish_all=True)
 
     async def worker_event(self, point: str, worker: Any) -> None:
-        for hook in self._hooks[point]:
-            try:
-                await hook(worker)
-            except Exception:
-                log.exception("middleware %s failed", _name(hook))
+        await _call_each(self._hooks[point], worker)
 
     def before_publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
         for hook in self.publishing:
             hook(message, exchange, routing_key)
 
 
+async def _call_each(
+    hooks: tuple[Callable[[Any], Any], ...], arg: object, *, finish_all: bool = False
+) -> None:
+    cancelled: asyncio.CancelledError | None = None
+    for hook in hooks:
+        try:
+            await hook(arg)
+        except asyncio.CancelledError as exc:
+            if not finish_all:
+                raise
+            cancelled = exc
+        except Exception:
+            where = f" on job {arg.job_id}" if isinstance(arg, JobRun) else ""
+            log.exception("middleware %s failed%s", _name(hook), where)
+    if cancelled is not None:
+        raise cancelled
+
+
 def _name(hook: Callable[..., Any]) -> str:
     owner = getattr(hook, "__self__", None)
     return f"{type(owner).__name__}.{hook.__name__}" if owner is not None else repr(hook)
 
-
-EMPTY = Pipeline()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from brokerjobs.broker import default_broker
 from brokerjobs.broker.base import Broker, BrokerConnection
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.topology import TopologyPlan
@@ -36,10 +37,7 @@ async def declare_topology(
 ) -> None:
     """Declare ``app``'s exchanges, queues and bindings (what ``brokerjobs topology declare``
     does): for a service that publishes before any worker of the app has started."""
-    if broker is None:
-        from brokerjobs.broker.amqp import AmqpBroker
-
-        broker = AmqpBroker(settings or load_settings())
+    broker = broker or default_broker(settings or load_settings())
     connection = await broker.connect("topology")
     try:
         await declare(connection, app.topology())
