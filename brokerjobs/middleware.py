@@ -203,4 +203,3 @@ async def _call_each(
 def _name(hook: Callable[..., Any]) -> str:
     owner = getattr(hook, "__self__", None)
     return f"{type(owner).__name__}.{hook.__name__}" if owner is not None else repr(hook)
-

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from pydantic import BaseModel, SecretStr
 
 from brokerjobs.app import App
-from brokerjobs.broker.memory import CallbackFailed, MemoryBroker
+from brokerjobs.broker.memory import CallbackFailed, MemoryBroker, MemoryChannel, MemoryConnection
 from brokerjobs.envelope import CONTENT_TYPE, Delivery, OutgoingMessage, new_job_id
 from brokerjobs.errors import ConfigError
 from brokerjobs.jobs import spec_of
@@ -132,6 +132,8 @@ class TestBroker:
         )
         """A real ``Publisher`` into this broker: hand it to the code under test."""
         self._running: asyncio.Task[None] | None = None
+        self._raw: MemoryConnection | None = None  # for publish_message, opened once
+        self._raw_channel: MemoryChannel | None = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -161,6 +163,8 @@ class TestBroker:
     async def close(self) -> None:
         """Stop the worker: handlers still running are cancelled, their jobs requeued."""
         await self.publisher.close()
+        if self._raw is not None:
+            await self._raw.close()
         if self._running is None or self.worker is None:
             return
         self.worker.stop()
@@ -205,12 +209,12 @@ class TestBroker:
     ) -> None:
         """Publish a message built by hand (any property, e.g. ``expiration_ms``)."""
         target = self.topology.exchange if exchange is None else exchange
-        connection = await self.memory.connect("test-publish")
-        try:
-            channel = await connection.channel(confirms=True)
-            await channel.publish(message, target, routing_key)
-        finally:
-            await connection.close()
+        channel = self._raw_channel
+        if channel is None or channel.is_closed:  # a missing exchange closes it, as in RabbitMQ
+            if self._raw is None or self._raw.is_closed:
+                self._raw = await self.memory.connect("test-publish")
+            channel = self._raw_channel = await self._raw.channel(confirms=True)
+        await channel.publish(message, target, routing_key)
 
     # -- running -------------------------------------------------------------------------------
 
