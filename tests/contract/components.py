@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from brokerjobs import App, Settings, Worker
 from brokerjobs.broker.amqp import AmqpBroker
 from brokerjobs.broker.base import Broker
-from brokerjobs.broker.memory import MemoryBroker, StillBusy
+from brokerjobs.broker.memory import MemoryBroker
 from tests.support.broker import TEST_HOST, TEST_PORT, TEST_URL, make_settings, open_broker
 from tests.support.broker import wait_for as wait_on_real_time
+from tests.support.memory import Predicate, drive_until
 from tests.support.proxy import TcpProxy
-
-Predicate = Callable[[], bool | Awaitable[bool]]
 
 
 class Env(Protocol):
@@ -67,30 +66,10 @@ class MemoryEnv:
         return app
 
     async def until(self, predicate: Predicate, timeout: float = 15.0) -> None:
-        """Let deliveries run; jump the virtual clock to the next expiry while none is due."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not await _holds(predicate):
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s (memory broker)")
-            try:  # a handler still running (on real time) is no reason to stop looking
-                await self.memory.run_until_idle(stuck_after=0.05)
-            except StillBusy:
-                continue
-            if await _holds(predicate):
-                return
-            due = self.memory.next_expiry()
-            if due is not None:
-                await self.memory.advance(max(due - self.memory.clock.now, 0.0))
-            else:
-                await asyncio.sleep(0.01)  # real-time work: a slow handler, a timer
+        await drive_until(self.memory, predicate, timeout)
 
     async def drop_connections(self) -> None:
         self.memory.drop_connections()
-
-
-async def _holds(predicate: Predicate) -> bool:
-    result = predicate()
-    return result if isinstance(result, bool) else await result
 
 
 @contextlib.asynccontextmanager

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from datetime import timedelta
 
 from pydantic import BaseModel
 
 from brokerjobs import App, JobRun, Middleware, Publisher, Scheduler, Settings, Worker, job
-from brokerjobs.broker.memory import MemoryBroker, StillBusy
+from brokerjobs.broker.memory import MemoryBroker
 from brokerjobs.testing import TestBroker
+from tests.support.memory import drive_until
 
 OFFLINE = "amqp://guest:guest@memory.invalid/"
 
@@ -20,15 +20,6 @@ OFFLINE = "amqp://guest:guest@memory.invalid/"
 @job("paths.step")
 class Step(BaseModel):
     n: int
-
-
-async def until(memory: MemoryBroker, predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Run the broker until ``predicate()``; a handler still running does not stop the look."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            with contextlib.suppress(StillBusy):
-                await memory.run_until_idle(stuck_after=0.05)
-            await asyncio.sleep(0.01)
 
 
 class SlowReceived(Middleware):
@@ -56,10 +47,10 @@ async def test_a_delivery_cancelled_in_a_received_hook_is_still_reported_once() 
     settings = Settings(url=OFFLINE, shutdown_grace=0.2)
     worker = Worker(app, settings, broker=memory)
     running = asyncio.create_task(worker.run())
-    await until(memory, lambda: worker.ready)
+    await drive_until(memory, lambda: worker.ready)
     async with Publisher.for_app(app, settings, broker=memory) as publisher:
         await publisher.publish(Step(n=1))
-    await until(memory, lambda: spy.received_count == 1)
+    await drive_until(memory, lambda: spy.received_count == 1)
     worker.stop()
     await asyncio.wait_for(running, 10)
     assert spy.settled == ["requeued"]
@@ -82,7 +73,7 @@ async def test_a_cancelled_scheduler_closes_its_connection_and_hands_over() -> N
     settings = Settings(url=OFFLINE)
     first = Scheduler(app, settings, broker=memory, refresh_interval=1.0)
     leading = asyncio.create_task(first.run())
-    await until(memory, lambda: first.is_leader)
+    await drive_until(memory, lambda: first.is_leader)
     leading.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await leading
@@ -90,7 +81,7 @@ async def test_a_cancelled_scheduler_closes_its_connection_and_hands_over() -> N
     second = Scheduler(app, settings, broker=memory, refresh_interval=1.0)
     standby = asyncio.create_task(second.run())
     try:
-        await until(memory, lambda: second.is_leader)
+        await drive_until(memory, lambda: second.is_leader)
     finally:
         second.stop()
         await asyncio.wait_for(standby, 10)
