@@ -5,10 +5,7 @@ seconds; at most the tick in flight at the kill is published twice, with one mes
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,55 +16,24 @@ import pytest
 from brokerjobs.envelope import Delivery
 from brokerjobs.provision import declare
 from brokerjobs.scheduler import scheduler_queue
-from tests.support.broker import TEST_URL, Broker, unique, wait_for
+from tests.support.broker import Broker, unique, wait_for
+from tests.support.child import LoggedProcess, child_env
 from tests.support.sched_app import EVERY_ENV, NAME_ENV, SCHEDULE_NAME, Tick, build_app, job_queue
 from tests.support.ticks import assert_consecutive, assert_job_ids
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-class SchedulerProcess:
+class SchedulerProcess(LoggedProcess):
     """``python -m tests.support.sched_app``: the sched app's scheduler, output to a file."""
 
     def __init__(self, name: str, output: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERJOBS_")}
-        env.update(
-            {
-                "BROKERJOBS_URL": TEST_URL,
-                "BROKERJOBS_HEARTBEAT": "5",
-                "BROKERJOBS_CONNECT_TIMEOUT": "5",
-                NAME_ENV: name,
-                EVERY_ENV: "1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self.output = output
-        self._out = output.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.sched_app"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        return self.output.read_text(errors="replace")[-4000:]
+        env = child_env({NAME_ENV: name, EVERY_ENV: "1"})
+        super().__init__(["tests.support.sched_app"], env, output)
 
     def check(self) -> bool:
         """False (for ``check() or condition``); raises if the process has exited."""
         if self.proc.poll() is not None:
             raise AssertionError(f"scheduler exited with {self.proc.returncode}:\n{self.log()}")
         return False
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        self._out.close()
 
 
 @contextlib.contextmanager

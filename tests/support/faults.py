@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from urllib.parse import urlsplit
 from brokerjobs import App, Publisher, Settings, Worker
 from brokerjobs.provision import declare
 from tests.support.broker import TEST_URL, Broker, make_settings, wait_for
+from tests.support.child import LoggedProcess, child_env
 from tests.support.fault_app import (
     LOG_ENV,
     NAME_ENV,
@@ -34,10 +32,8 @@ from tests.support.fault_app import (
 )
 from tests.support.proxy import TcpProxy
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-class WorkerProcess:
+class WorkerProcess(LoggedProcess):
     """A ``brokerjobs worker`` subprocess of the fault app; its output goes to a file."""
 
     def __init__(
@@ -49,35 +45,16 @@ class WorkerProcess:
         spread: float,
         settings: dict[str, str],
     ) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERJOBS_")}
-        env.update(
-            {
-                "BROKERJOBS_URL": TEST_URL,
-                "BROKERJOBS_HEARTBEAT": "5",
-                "BROKERJOBS_CONNECT_TIMEOUT": "5",
-                "BROKERJOBS_LOG_LEVEL": "INFO",
-                NAME_ENV: name,
-                LOG_ENV: str(records),
-                SLEEP_ENV: str(sleep),
-                SPREAD_ENV: str(spread),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env.update({f"BROKERJOBS_{k.upper()}": v for k, v in settings.items()})
-        self.output = output
-        self._out = output.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "brokerjobs.cli", "worker", "tests.support.fault_app:app"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        return self.output.read_text(errors="replace")[-4000:]
+        extra = {
+            "BROKERJOBS_LOG_LEVEL": "INFO",
+            NAME_ENV: name,
+            LOG_ENV: str(records),
+            SLEEP_ENV: str(sleep),
+            SPREAD_ENV: str(spread),
+        }
+        extra.update({f"BROKERJOBS_{k.upper()}": v for k, v in settings.items()})
+        args = ["brokerjobs.cli", "worker", "tests.support.fault_app:app"]
+        super().__init__(args, child_env(extra), output)
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
@@ -86,13 +63,6 @@ class WorkerProcess:
         """Wait (without blocking the loop) for the process to exit; returns its exit code."""
         await wait_for(lambda: self.proc.poll() is not None, timeout, interval=0.01)
         return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        self._out.close()
 
 
 @contextlib.contextmanager
