@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -33,8 +32,6 @@ from brokerjobs.scheduler import (
 from brokerjobs.scheduler_token import TokenSession
 from tests.support.broker import Broker, make_settings, unique, wait_for
 from tests.support.ticks import SECOND, assert_consecutive, assert_job_ids, tick_of
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @job("sched.beat")
