@@ -158,13 +158,16 @@ class OtelTelemetry:
 
     # -- processing --------------------------------------------------------------------------
 
-    def processing(self, delivery: Delivery, queue: str) -> SpanProcessing:
+    def processing(self, delivery: Delivery, queue: str) -> MeteredProcessing:
         """A CONSUMER span around decoding, the handler and settlement of one delivery.
 
         Its attributes and links are built when first read: by the SDK for a span it records
-        (or a sampler that reads them), never for an unsampled delivery.
+        (or a sampler that reads them), never for an unsampled delivery. Without a tracer
+        provider only the metrics are kept: no span, no context switch.
         """
         job = delivery.job_name or delivery.routing_key
+        if not self.tracing:
+            return MeteredProcessing(self, job, queue)
         route = (delivery.exchange, delivery.routing_key, queue)
         shape = self._routes.get(route)
         if shape is None:
@@ -192,19 +195,18 @@ class OtelTelemetry:
         return shape
 
     def record_processed(
-        self, record: SpanProcessing, job: str, queue: str, duration: float
+        self, queue: str, job: str, outcome: str, error_type: str | None, duration: float
     ) -> None:
-        key = (queue, record.outcome, record.error_type)
-        self._consumed[key] += 1
-        attributes = self._process_metric.get(key[::2])
+        self._consumed[queue, outcome, error_type] += 1
+        attributes = self._process_metric.get((queue, error_type))
         if attributes is None:
             if len(self._process_metric) >= _CACHE_LIMIT:
                 self._process_metric.clear()
-            attributes = _metric_attributes(queue, "process", record.error_type)
-            self._process_metric[key[::2]] = attributes
+            attributes = _metric_attributes(queue, "process", error_type)
+            self._process_metric[queue, error_type] = attributes
         self._process_duration.record(duration, attributes)
-        if record.outcome in ("retried", "parked"):
-            counter = self._retried if record.outcome == "retried" else self._parked
+        if outcome in ("retried", "parked"):
+            counter = self._retried if outcome == "retried" else self._parked
             counter.add(1, {A_JOB: job, A_QUEUE: queue})
 
     def record_slow(self, job: str, queue: str) -> None:
@@ -266,25 +268,58 @@ def _tallies_for(provider: MeterProvider, meter: metrics.Meter) -> _Tallies:
     return tallies
 
 
-class SpanProcessing(Processing):
+class MeteredProcessing(Processing):
+    """One delivery's duration and outcome, recorded when it is settled (metrics only).
+
+    A plain context manager rather than a generator: this runs per delivery.
+    """
+
+    __slots__ = ("_job", "_queue", "_started", "_telemetry")
+
+    def __init__(self, telemetry: OtelTelemetry, job: str, queue: str) -> None:
+        self.outcome = "completed"
+        self.error_type = None
+        self._telemetry = telemetry
+        self._job = job
+        self._queue = queue
+        self._started = 0.0
+
+    def __enter__(self) -> MeteredProcessing:
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._record()
+
+    def _record(self) -> None:
+        self._telemetry.record_processed(
+            self._queue,
+            self._job,
+            self.outcome,
+            self.error_type,
+            time.perf_counter() - self._started,
+        )
+
+
+class SpanProcessing(MeteredProcessing):
     """The process span of one delivery while it is current, and the outcome it records.
 
-    A plain context manager rather than ``use_span`` in a generator: this runs per delivery.
     An unsampled span is still made current, so spans the handler starts are unsampled too.
     """
 
-    __slots__ = ("_job", "_queue", "_recording", "_span", "_started", "_telemetry", "_token")
+    __slots__ = ("_recording", "_span", "_token")
 
     def __init__(
         self, telemetry: OtelTelemetry, span: trace.Span, recording: bool, job: str, queue: str
     ) -> None:
-        super().__init__()
-        self._telemetry = telemetry
+        super().__init__(telemetry, job, queue)
         self._span = span
         self._recording = recording
-        self._job = job
-        self._queue = queue
-        self._started = 0.0
         self._token: Token[Context] | None = None
 
     def __enter__(self) -> SpanProcessing:
@@ -305,9 +340,7 @@ class SpanProcessing(Processing):
                 self._span.record_exception(exc)
                 self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             self._span.end()
-        # After the span is no longer current: metrics then skip exemplar sampling.
-        duration = time.perf_counter() - self._started
-        self._telemetry.record_processed(self, self._job, self._queue, duration)
+        self._record()  # after the span is no longer current: metrics skip exemplar sampling
 
     def settled(self, outcome: str, error_type: str | None = None) -> None:
         self.outcome = outcome

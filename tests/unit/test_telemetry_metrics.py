@@ -3,6 +3,7 @@ Publisher opened per request) add up on the meter provider they share."""
 
 from __future__ import annotations
 
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -62,3 +63,21 @@ def test_separate_meter_providers_keep_separate_counts() -> None:
             record.settled("completed")
     assert totals(readers[0])["messaging.client.consumed.messages"] == 2
     assert "messaging.client.consumed.messages" not in totals(readers[1])
+
+
+def test_metrics_without_a_tracer_provider_record_every_outcome_and_start_no_span() -> None:
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    assert telemetry.metering and not telemetry.tracing
+
+    outcomes = ("completed", "retried", "parked", "completed")
+    for tag, outcome in enumerate(outcomes):
+        with telemetry.processing(delivery(tag), "shop.emails") as record:
+            assert trace.get_current_span() is trace.INVALID_SPAN  # no span made current
+            record.settled(outcome, None if outcome == "completed" else "ValueError")
+
+    sums = totals(reader)
+    assert sums["messaging.client.consumed.messages"] == 4
+    assert sums["messaging.process.duration"] == 4
+    assert sums["brokerjobs.jobs.retried"] == 1
+    assert sums["brokerjobs.jobs.parked"] == 1
