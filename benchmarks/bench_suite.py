@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench_common import RETRY_DELAY_S, ChildConfig, Result
-from bench_host import Checkout, broker_pid, checkout
+from bench_host import ROOT, Checkout, broker_pid, byte_compile, checkout
 from bench_parent import Bench, BenchError, Place, open_admin
 from bench_report import Results, legend, result_line, table
 from bench_scenarios import SCENARIOS, Scenario
@@ -163,6 +163,7 @@ async def _baseline(bench: Bench, rev: str | None) -> AsyncIterator[Checkout | N
         yield None
         return
     with checkout(rev) as tree:
+        byte_compile(tree.path, ("brokerjobs",))  # the children import the benchmarks from ROOT
         exchange = f"{bench.base.exchange}.old"
         bench.baseline = Place("bj", exchange, f"{exchange}.jobs", str(tree.path))
         try:
@@ -198,6 +199,7 @@ async def run_suite(options: Options) -> None:
         broker_pid=broker_pid(urlsplit(options.url).port or 5672) or 0,
     )
     started = time.monotonic()
+    byte_compile(ROOT)
     _cancel_on_signals()
     scenarios, skipped = _available(options.scenarios)
     for line in skipped:
