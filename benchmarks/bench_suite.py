@@ -186,9 +186,9 @@ def _cancel_on_signals() -> None:
         loop.add_signal_handler(sig, task.cancel)
 
 
-async def run_suite(options: Options) -> None:
+def _child_config(options: Options) -> ChildConfig:
     exchange, queue = _names()
-    cfg = ChildConfig(
+    return ChildConfig(
         url=options.url,
         exchange=exchange,
         queue=queue,
@@ -198,6 +198,10 @@ async def run_suite(options: Options) -> None:
         timeout=_child_timeout(options),
         broker_pid=broker_pid(urlsplit(options.url).port or 5672) or 0,
     )
+
+
+async def run_suite(options: Options) -> None:
+    cfg = _child_config(options)
     started = time.monotonic()
     byte_compile(ROOT)
     _cancel_on_signals()
