@@ -1,9 +1,11 @@
 """What the parent finds on this host: the broker's OS process (to read its CPU time) and a
-temporary git worktree of another commit (the ``--baseline`` contestant). Standard library only.
+temporary git worktree of another commit (the ``--baseline`` contestant), byte-compiled as an
+installed package is. Standard library only.
 """
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import shutil
 import subprocess
@@ -93,3 +95,15 @@ def checkout(rev: str) -> Iterator[Checkout]:
         with contextlib.suppress(GitError):
             _git("worktree", "remove", "--force", str(path))
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def byte_compile(tree: Path, folders: tuple[str, ...] = ("brokerjobs", "benchmarks")) -> None:
+    """Write the bytecode of ``tree``'s ``folders`` (``__pycache__``), as installing does.
+
+    Children may run with PYTHONDONTWRITEBYTECODE (so may a developer's shell): brokerjobs would
+    then be compiled from source in every child (0.9 MiB more RSS after the imports, 0.3-0.4 MiB
+    more at the peak than an installed brokerjobs), while aio-pika and pydantic come
+    byte-compiled from site-packages.
+    """
+    for folder in folders:
+        compileall.compile_dir(tree / folder, quiet=1)  # a file that fails: its child says why

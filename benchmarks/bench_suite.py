@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench_common import RETRY_DELAY_S, ChildConfig, Result
-from bench_host import Checkout, broker_pid, checkout
+from bench_host import ROOT, Checkout, broker_pid, byte_compile, checkout
 from bench_parent import Bench, BenchError, Place, open_admin
 from bench_report import Results, legend, result_line, table
 from bench_scenarios import SCENARIOS, Scenario
@@ -163,6 +163,7 @@ async def _baseline(bench: Bench, rev: str | None) -> AsyncIterator[Checkout | N
         yield None
         return
     with checkout(rev) as tree:
+        byte_compile(tree.path, ("brokerjobs",))  # the children import the benchmarks from ROOT
         exchange = f"{bench.base.exchange}.old"
         bench.baseline = Place("bj", exchange, f"{exchange}.jobs", str(tree.path))
         try:
@@ -185,9 +186,9 @@ def _cancel_on_signals() -> None:
         loop.add_signal_handler(sig, task.cancel)
 
 
-async def run_suite(options: Options) -> None:
+def _child_config(options: Options) -> ChildConfig:
     exchange, queue = _names()
-    cfg = ChildConfig(
+    return ChildConfig(
         url=options.url,
         exchange=exchange,
         queue=queue,
@@ -197,7 +198,12 @@ async def run_suite(options: Options) -> None:
         timeout=_child_timeout(options),
         broker_pid=broker_pid(urlsplit(options.url).port or 5672) or 0,
     )
+
+
+async def run_suite(options: Options) -> None:
+    cfg = _child_config(options)
     started = time.monotonic()
+    byte_compile(ROOT)
     _cancel_on_signals()
     scenarios, skipped = _available(options.scenarios)
     for line in skipped:

@@ -24,16 +24,25 @@ from brokerjobs.publisher import Publisher
 from brokerjobs.retry import Park, Retry, RetryPolicy
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.signals import PermanentFailure, RetryLater
-from brokerjobs.slow_jobs import SlowJob
-from brokerjobs.status import JobStatus, StatusStore, StatusTracker, report_progress
 from brokerjobs.worker import Worker
 
 if TYPE_CHECKING:
     from brokerjobs.parking import ParkingLot
     from brokerjobs.scheduler import Scheduler
+    from brokerjobs.slow_jobs import SlowJob
+    from brokerjobs.status import JobStatus, StatusStore, StatusTracker, report_progress
 
-# Loaded on first use: a worker needs neither the replay tool nor the scheduler.
-_LAZY = {"ParkingLot": "brokerjobs.parking", "Scheduler": "brokerjobs.scheduler"}
+# Loaded on first use: a worker needs neither the replay tool nor the scheduler, and only an
+# app with track_status (or slow_job_after) needs the status (or slow-job) module.
+_LAZY = {
+    "ParkingLot": "brokerjobs.parking",
+    "Scheduler": "brokerjobs.scheduler",
+    "SlowJob": "brokerjobs.slow_jobs",
+    "JobStatus": "brokerjobs.status",
+    "StatusStore": "brokerjobs.status",
+    "StatusTracker": "brokerjobs.status",
+    "report_progress": "brokerjobs.status",
+}
 
 
 def __getattr__(name: str) -> Any:

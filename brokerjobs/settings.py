@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import ssl
@@ -200,10 +199,16 @@ def unknown_variables(environ: Mapping[str, str]) -> dict[str, str]:
         suffix = name.removeprefix(ENV_PREFIX)
         if suffix == name or suffix in settings or name in DEVELOPMENT_VARIABLES:
             continue
-        close = difflib.get_close_matches(suffix, settings, n=1)
-        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        hint = _did_you_mean(suffix, settings)
         problems[name] = f"is not a brokerjobs setting and is ignored{hint}"
     return problems
+
+
+def _did_you_mean(suffix: str, settings: list[str]) -> str:
+    import difflib  # here: a worker whose environment has no typo never loads it
+
+    close = difflib.get_close_matches(suffix, settings, n=1)
+    return f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -50,8 +50,19 @@ def test_the_examples_import_only_public_names() -> None:
     assert {path: modules for path, modules in used.items() if modules} == {}
 
 
-def test_importing_the_package_does_not_load_the_amqp_client() -> None:
-    clients = "('aio_pika', 'aiormq', 'pamqp')"
-    code = f"import sys, brokerjobs; print(sorted(m for m in {clients} if m in sys.modules))"
+def _loaded_by_import(modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has loaded after ``import brokerjobs``."""
+    code = f"import sys, brokerjobs; print(sorted(m for m in {modules!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    return list(ast.literal_eval(out.stdout.strip()))
+
+
+def test_importing_the_package_does_not_load_the_amqp_client() -> None:
+    assert _loaded_by_import(("aio_pika", "aiormq", "pamqp")) == []
+
+
+def test_importing_the_package_loads_nothing_a_plain_worker_does_not_use() -> None:
+    # Each costs a worker's peak RSS (benchmarks/run.py, "peak RSS"): the status module builds
+    # the JobStatus model at import; difflib only suggests a name for a mistyped variable.
+    unused = ("brokerjobs.status", "brokerjobs.slow_jobs", "brokerjobs.parking")
+    assert _loaded_by_import((*unused, "brokerjobs.scheduler", "difflib")) == []
