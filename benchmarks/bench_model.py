@@ -80,12 +80,15 @@ BASELINE = Arm(
 )
 
 
-def contest(aiormq: str, pika: str, bj: str) -> tuple[Arm, ...]:
+def contest(aiormq: str, pika: str, bj: str, typed: str = "") -> tuple[Arm, ...]:
     """The ceiling, the usual baseline on both queue kinds, brokerjobs (the subject) and, with
-    --baseline, brokerjobs of another commit."""
+    --baseline, brokerjobs of another commit; with ``typed``, also raw aio-pika validating each
+    body into brokerjobs' pydantic job model (pydantic's floor under brokerjobs)."""
+    typed_arm = (Arm("typed", "raw aio-pika + pydantic, plain", typed + PLAIN, suffix="typed"),)
     return (
         Arm("aiormq", "raw aiormq, plain queue", aiormq + PLAIN, suffix="aiormq"),
         Arm("pika", "raw aio-pika, plain queue", pika + PLAIN, suffix="plain"),
+        *(typed_arm if typed else ()),
         Arm("prio", "raw aio-pika, priority queue", "as pika, on a queue with x-max-priority=10"),
         Arm("bj", "brokerjobs", bj + " (on the app's queue: arguments in the header)", suffix=None),
         BASELINE,

@@ -34,7 +34,7 @@ from brokerjobs.retry import Failure, FailureKind, Park
 from brokerjobs.settlement import parked_message
 from brokerjobs.topology import TopologyPlan, parking_queue_name
 
-Side = Literal["raw", "bj", "aiormq"]
+Side = Literal["raw", "bj", "aiormq", "typed"]
 RUN_PY = Path(__file__).with_name("run.py")
 CHILD_GRACE_S = 30.0  # beyond the child's own deadline, before the parent kills it
 PARKED_EVERY = timedelta(milliseconds=50)  # between two prefilled parked jobs' failure times
@@ -79,6 +79,7 @@ class Admin:
         self.raw_places = {
             "pika": Place("raw", f"{cfg.exchange}.plain", f"{cfg.exchange}.plain.jobs"),
             "aiormq": Place("aiormq", f"{cfg.exchange}.plain", f"{cfg.exchange}.plain.jobs"),
+            "typed": Place("typed", f"{cfg.exchange}.plain", f"{cfg.exchange}.plain.jobs"),
             "prio": Place("raw", f"{cfg.exchange}.prio", f"{cfg.exchange}.prio.jobs"),
         }
 
@@ -141,7 +142,7 @@ class Admin:
         """Fill the place's queue with ``count`` jobs as its side's own publisher writes them
         (another tree's brokerjobs prefills in a child: ``Bench.prefill``)."""
         jobs = [job_fields(i) for i in range(count)] if place.side != "bj" else []
-        if place.side == "raw":
+        if place.side in ("raw", "typed"):
             exchange = await self._channel.get_exchange(place.exchange, ensure=False)
             await bench_raw.publish_batch(exchange, jobs, self._cfg.window)
         elif place.side == "aiormq":
@@ -297,8 +298,8 @@ class Bench:
         return max(1, self.retry_jobs // 10)
 
     async def child(self, side: Side, task: str, arm: str = "", **changes: Any) -> Result:
-        """Run ``task`` of ``side``'s module (bench_raw, bench_aiormq or bench_bj) in a fresh
-        process; ``arm`` names its profile when it is not the side."""
+        """Run ``task`` of ``side``'s module (bench_raw, bench_typed, bench_aiormq or bench_bj)
+        in a fresh process; ``arm`` names its profile when it is not the side."""
         cfg = replace(self.base, **changes)
         profile = None
         if self.profile_dir is not None:

@@ -4,7 +4,8 @@ Publishing: a confirm channel, persistent messages, ``mandatory=True``, pipeline
 ``asyncio.gather`` over windows of ``window`` outstanding publishes (measured faster here than a
 semaphore-bounded sliding window or one gather over all jobs); each confirm is checked.
 Consuming: ``queue.consume(callback)``; the callback ``json.loads`` the body, calls the handler,
-then ``await message.ack()``.
+then ``await message.ack()`` (bench_typed.py: the same callback validating the body into the
+benchmark's pydantic model instead).
 Replaying (the naive move loop): consume the parking queue with a big prefetch; the callback
 republishes the message (body, properties and headers as they are) to the main queue through
 the default exchange on a confirm channel, and acks it once confirmed. Pipelined: aiormq runs
@@ -19,7 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
@@ -40,7 +41,8 @@ from bench_common import (
 )
 from pamqp.commands import Basic
 
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
+Decode = Callable[[bytes], T]  # the body -> what the handler takes (json.loads here)
 REPLAY_PREFETCH = 1000  # moves in flight ("a big prefetch"); 200 to 3000 measured within noise
 
 
@@ -74,7 +76,12 @@ async def _open(cfg: ChildConfig) -> tuple[AbstractConnection, AbstractExchange]
     return connection, exchange
 
 
-async def _consume(cfg: ChildConfig, handler: Handler, acked: Countdown) -> AbstractConnection:
+async def _consume(
+    cfg: ChildConfig,
+    handler: Callable[[T], Awaitable[None]],
+    acked: Countdown,
+    decode: Decode[T],
+) -> AbstractConnection:
     """Start a consumer whose callback decodes, runs ``handler``, then acks.
 
     ``acked`` counts sent acks: closing the connection discards acks still queued in aiormq, so
@@ -82,7 +89,7 @@ async def _consume(cfg: ChildConfig, handler: Handler, acked: Countdown) -> Abst
     """
 
     async def on_message(message: AbstractIncomingMessage) -> None:
-        await handler(json.loads(message.body))
+        await handler(decode(message.body))
         await message.ack()
         acked.tick()
 
@@ -105,15 +112,20 @@ async def publish(cfg: ChildConfig) -> Result:
 
 
 async def consume(cfg: ChildConfig) -> Result:
+    return await consume_decoded(cfg, json.loads)
+
+
+async def consume_decoded(cfg: ChildConfig, decode: Decode[T]) -> Result:
+    """The consume task with ``decode`` in the callback (bench_typed: a pydantic model's)."""
     import_rss = peak_rss_mb()
     countdown = Countdown(cfg.jobs, cfg.broker_pid)
 
-    async def handler(_: dict[str, Any]) -> None:
+    async def handler(_: T) -> None:
         countdown.tick()
 
     acked = Countdown(cfg.jobs)
     start = Stamp.take(cfg.broker_pid)
-    connection = await _consume(cfg, handler, acked)
+    connection = await _consume(cfg, handler, acked, decode)
     async with connection, asyncio.timeout(cfg.timeout):
         await countdown.done.wait()
         await acked.done.wait()
@@ -128,7 +140,7 @@ async def latency(cfg: ChildConfig) -> Result:
         countdown.tick(sent_at=data["sent_at"])
 
     acked = Countdown(cfg.jobs)
-    consumer = await _consume(cfg, handler, acked)
+    consumer = await _consume(cfg, handler, acked, json.loads)
     publisher, exchange = await _open(cfg)
 
     async def send(index: int) -> None:

@@ -76,6 +76,8 @@ async def publish(bench: Bench, arm: str) -> Result:
         aiormq="basic_consume(cb), manual acks: cb json.loads the body, awaits a no-op "
         "handler, basic_ack(delivery_tag)",
         pika="queue.consume(cb): cb json.loads the body, awaits a no-op handler, message.ack()",
+        typed="as pika, but cb validates the body with BenchOrder.model_validate_json (the "
+        "pydantic model brokerjobs' arm uses; no brokerjobs import) instead of json.loads",
         bj="Worker + App, one async no-op handler: body validated into the pydantic model, "
         "job context, timeout, ack",
     ),

@@ -78,7 +78,7 @@ def _progress(
 ) -> None:
     values = " ".join(f"{key}={value:,.2f}" for key, value in r.items())
     print(
-        f"[round {round_index + 1}/{options.rounds}] {scenario.name:<9} {arm:<4} "
+        f"[round {round_index + 1}/{options.rounds}] {scenario.name:<9} {arm:<5} "
         f"({took:4.1f}s) {values}",
         file=sys.stderr,
         flush=True,

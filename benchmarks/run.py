@@ -30,7 +30,12 @@ from bench_common import RESULT_MARK, ChildConfig
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-SIDE_MODULES = {"raw": "bench_raw", "bj": "bench_bj", "aiormq": "bench_aiormq"}
+SIDE_MODULES = {
+    "raw": "bench_raw",
+    "typed": "bench_typed",
+    "bj": "bench_bj",
+    "aiormq": "bench_aiormq",
+}
 QUICK = {"jobs": 500, "rounds": 1, "latency_jobs": 100, "retry_jobs": 200}
 
 
