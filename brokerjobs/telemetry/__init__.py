@@ -118,7 +118,7 @@ def configure_from_environment(environ: Mapping[str, str]) -> bool:
     """
     if not environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return False
-    from brokerjobs.telemetry.otel import configure_otlp
+    from brokerjobs.telemetry.otlp import configure_otlp
 
     configure_otlp(environ)
     return True
