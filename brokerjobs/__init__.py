@@ -23,7 +23,7 @@ from brokerjobs.provision import declare_topology
 from brokerjobs.publisher import Publisher
 from brokerjobs.retry import Park, Retry, RetryPolicy
 from brokerjobs.settings import Settings, load_settings
-from brokerjobs.signals import PermanentFailure, RetryLater
+from brokerjobs.signals import PermanentFailure, RetryLater, SkipJob
 from brokerjobs.worker import Worker
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ __all__ = [
     "Scheduler",
     "Settings",
     "Settled",
+    "SkipJob",
     "SlowJob",
     "StatusStore",
     "StatusTracker",

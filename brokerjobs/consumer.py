@@ -34,12 +34,12 @@ from brokerjobs.retry import (
 )
 from brokerjobs.settings import Settings
 from brokerjobs.settlement import Settlement
-from brokerjobs.signals import PermanentFailure, RetryLater
+from brokerjobs.signals import PermanentFailure, RetryLater, SkipJob
 from brokerjobs.telemetry import Telemetry
 
 log = logging.getLogger("brokerjobs.consumer")
 
-_SIGNALS = (RetryLater, PermanentFailure, StillRunning)
+_SIGNALS = (RetryLater, PermanentFailure, SkipJob, StillRunning)
 UNEXPECTED_ERROR = "brokerjobs.unexpected"
 # Not the message's fault: the broker requeues or a new session settles it.
 _NOT_THE_MESSAGE: tuple[type[BaseException], ...] = (ConnectionLost, PublishError)
@@ -96,6 +96,7 @@ def _slow_job_alert(app: App, telemetry: Telemetry) -> list[Middleware]:
 @dataclass(frozen=True, slots=True)
 class Completed:
     result: object
+    skipped: str | None = None  # why the handler did not run (a middleware's SkipJob)
 
 
 class QueueConsumer:
@@ -220,7 +221,7 @@ class QueueConsumer:
                 run.result = outcome.result
                 await self._pipeline.run(self._pipeline.after_success, run)
             await self._settlement.succeeded(delivery)
-            done.append(COMPLETED)
+            done.append(COMPLETED if outcome.skipped is None else _skipped(outcome.skipped))
             return
         decision = self._settlement.decide(delivery, handler.retry, outcome)
         if run is not None:
@@ -246,7 +247,10 @@ class QueueConsumer:
             if run is not None:
                 run.job, run.job_name, run.context = job, handler.job.name, context
                 await self._pipeline.run(self._pipeline.decoded, run)
-                await self._pipeline.run(self._pipeline.before_handler, run)
+                try:
+                    await self._pipeline.before_handler_hooks(run)
+                except (RetryLater, PermanentFailure, SkipJob) as answer:
+                    return _answered(answer)  # the handler does not run
             return await self._invoke(handler, job, context.job_id)
         finally:
             reset_current(token)
@@ -272,10 +276,8 @@ class QueueConsumer:
             raise
         except StillRunning as exc:
             return Failure(FailureKind.RETRY_LATER, str(exc), None, "StillRunning")
-        except RetryLater as exc:
-            return Failure(FailureKind.RETRY_LATER, str(exc), exc.delay, "RetryLater")
-        except PermanentFailure as exc:
-            return Failure(FailureKind.PERMANENT, str(exc), None, "PermanentFailure")
+        except (RetryLater, PermanentFailure, SkipJob) as exc:
+            return _answered(exc)
         except Exception as exc:
             return _error(exc)
         return Completed(result)
@@ -316,6 +318,19 @@ def settled_by(failure: Failure, decision: Decision) -> Settled:
     if isinstance(decision, Retry):
         return Settled(Outcome.RETRIED, failure.error_type, failure.reason, decision.delay)
     return Settled(Outcome.PARKED, failure.error_type, decision.reason)
+
+
+def _answered(signal: RetryLater | PermanentFailure | SkipJob) -> Failure | Completed:
+    """What a handler's (or a before-handler hook's) signal asks for."""
+    if isinstance(signal, RetryLater):
+        return Failure(FailureKind.RETRY_LATER, str(signal), signal.delay, "RetryLater")
+    if isinstance(signal, PermanentFailure):
+        return Failure(FailureKind.PERMANENT, str(signal), None, "PermanentFailure")
+    return Completed(None, skipped=str(signal) or "skipped by middleware")
+
+
+def _skipped(reason: str) -> Settled:
+    return Settled(Outcome.COMPLETED, reason=f"skipped: {reason}")
 
 
 def _error(exc: Exception) -> Failure:

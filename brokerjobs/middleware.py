@@ -6,7 +6,12 @@ order they were added, the after-points in the reverse order, as layers unwind):
 
 1. ``received(run)``: the delivery arrived (``run.job`` is still None).
 2. ``decoded(run)``: the body is a valid job of a known type (``run.job``, ``run.job_name``).
-3. ``before_handler(run)``: just before the handler runs (``run.context`` is set).
+3. ``before_handler(run)``: just before the handler runs (``run.context`` is set). A hook here
+   may answer for the handler, which then does not run, by raising what a handler would:
+   ``RetryLater`` (a limit reached, a circuit open: run it again later; the attempt counts) or
+   ``PermanentFailure`` (park it), or ``SkipJob`` (settle it as completed: a duplicate already
+   done). The first hook that answers ends the before-handler hooks; the delivery then goes on
+   to point 4 as if the handler had raised (or, skipped, returned None).
 4. ``after_success(run)`` (``run.result``) or ``after_failure(run)`` (``run.failure`` and
    ``run.decision``: the retry or park that settlement is about to carry out).
 5. ``after_settle(run)``: the delivery is settled (``run.settled``): always called once,
@@ -15,8 +20,8 @@ order they were added, the after-points in the reverse order, as layers unwind):
 A worker calls ``worker_started(worker)`` once consuming began and ``worker_stopping(worker)``
 when it drains. A publisher calls ``before_publish(message, exchange, routing_key)`` for every
 message it sends (it may add headers; one that raises stops that publish, with its error). An
-exception in a delivery hook is logged and never changes how the delivery settles: the pipeline
-observes and decorates, settlement decides.
+exception in a delivery hook is logged and never changes how the delivery settles (but for the
+answers of point 3): the pipeline observes and decorates, settlement decides.
 
 Hooks the subclass does not override are never called: with no middleware (or none that
 overrides a point) that point costs one empty-tuple check.
@@ -31,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from brokerjobs.envelope import Delivery, OutgoingMessage
+from brokerjobs.signals import PermanentFailure, RetryLater, SkipJob
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -109,7 +115,8 @@ class Middleware:
         """The body is a valid job of a type this queue handles."""
 
     async def before_handler(self, run: JobRun) -> None:
-        """The handler is about to run."""
+        """The handler is about to run; raise ``RetryLater``, ``PermanentFailure`` or ``SkipJob``
+        to answer in its place (it then does not run)."""
 
     async def after_success(self, run: JobRun) -> None:
         """The handler returned ``run.result``; the ack follows."""
@@ -133,6 +140,8 @@ _DELIVERY_POINTS = (
     "after_settle",
 )
 Hook = Callable[[JobRun], Any]
+# What a before-handler hook may raise to answer for the handler.
+ANSWERS: tuple[type[Exception], ...] = (RetryLater, PermanentFailure, SkipJob)
 
 
 def _overrides(middleware: Middleware, point: str) -> bool:
@@ -169,6 +178,11 @@ class Pipeline:
         """Call ``hooks`` in order; one that raises is logged and the others still run."""
         await _call_each(hooks, run)
 
+    async def before_handler_hooks(self, run: JobRun) -> None:
+        """Call the before-handler hooks; the first answer (see ``ANSWERS``) stops them and is
+        raised for the consumer to settle by."""
+        await _call_each(self.before_handler, run, answers=ANSWERS)
+
     async def run_all(self, hooks: tuple[Hook, ...], run: JobRun) -> None:
         """As ``run``, but every hook runs even if the task is cancelled meanwhile (a shutdown
         past its grace period): the cancellation is raised again after the last one."""
@@ -183,12 +197,18 @@ class Pipeline:
 
 
 async def _call_each(
-    hooks: tuple[Callable[[Any], Any], ...], arg: object, *, finish_all: bool = False
+    hooks: tuple[Callable[[Any], Any], ...],
+    arg: object,
+    *,
+    finish_all: bool = False,
+    answers: tuple[type[Exception], ...] = (),
 ) -> None:
     cancelled: asyncio.CancelledError | None = None
     for hook in hooks:
         try:
             await hook(arg)
+        except answers:
+            raise
         except asyncio.CancelledError as exc:
             if not finish_all:
                 raise

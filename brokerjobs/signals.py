@@ -18,3 +18,9 @@ class RetryLater(Exception):
 
 class PermanentFailure(Exception):
     """Retrying cannot help: park the job at once with this reason."""
+
+
+class SkipJob(Exception):
+    """Settle the delivery as completed without running the handler (a duplicate of a job that
+    is already done, say): what a middleware's ``before_handler`` raises to skip a job. The
+    reason goes with the outcome (``Settled.reason``) into the log line."""

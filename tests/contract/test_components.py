@@ -15,13 +15,17 @@ from brokerjobs import (
     JobRun,
     Middleware,
     ParkingLot,
+    PermanentFailure,
     Publisher,
     Retry,
+    RetryLater,
     RetryPolicy,
     Scheduler,
+    SkipJob,
     SlowJob,
     StatusTracker,
     Worker,
+    current_job,
     job,
 )
 from brokerjobs.parking import Selection
@@ -98,6 +102,54 @@ async def test_a_user_middleware_sees_start_fail_start_complete(env: Env) -> Non
         ("settled", 2, "completed"),
     ]
     assert hooks == [("start", 1), ("fail", 1), ("start", 2), ("complete", 2)]
+
+
+class Gate(Middleware):
+    """Flow control as middleware, answering for the handler: a duplicate of a job already done
+    is skipped, job 2 meets an open circuit once, job 3 is refused."""
+
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+
+    async def before_handler(self, run: JobRun) -> None:
+        assert isinstance(run.job, Step)
+        if run.job_id in self.done:
+            raise SkipJob("a duplicate of a job already done")
+        if run.job.n == 2 and run.attempt == 1:
+            raise RetryLater("circuit open", delay=0.2)
+        if run.job.n == 3:
+            raise PermanentFailure("refused by policy")
+
+    async def after_success(self, run: JobRun) -> None:
+        self.done.add(run.job_id)
+
+
+async def test_a_middleware_answers_for_the_handler_skip_retry_later_or_park(env: Env) -> None:
+    later = Recorder()  # after the gate: its before_handler runs only where the gate let it pass
+    app = App(unique("gate"), middleware=[Gate(), later])
+    ran: list[tuple[int, int]] = []
+
+    @app.handler(Step, retry=QUICK_RETRY)
+    async def handle(step: Step) -> None:
+        ran.append((step.n, current_job().attempt))
+
+    def settled(n: int) -> list[tuple[str, int, str]]:
+        return [e for e in later.events if e[0] == "settled"][:n]
+
+    async with running(worker_for(app, env), env), publisher_for(app, env) as publisher:
+        first = await publisher.publish(Step(n=1))
+        await env.until(lambda: len(settled(1)) == 1)
+        await publisher.publish(Step(n=1), job_id=first)  # the same job again
+        await publisher.publish(Step(n=2))
+        await publisher.publish(Step(n=3))
+        await env.until(lambda: len(settled(5)) == 5)
+
+    assert sorted(ran) == [(1, 1), (2, 2)]  # never for the duplicate, the open circuit or job 3
+    outcomes = sorted(e[1:] for e in later.events if e[0] == "settled")
+    assert outcomes == [(1, "completed"), (1, "completed"), (1, "parked"), (1, "retried"),
+                        (2, "completed")]  # fmt: skip
+    starts = [e for e in later.events if e[0] == "start"]
+    assert starts == [("start", 1, "contract.step"), ("start", 2, "contract.step")]
 
 
 async def test_the_slow_job_alert_fires_while_the_job_still_runs(env: Env) -> None:

@@ -7,7 +7,7 @@ import logging
 import pytest
 from pydantic import BaseModel
 
-from brokerjobs import App, ConfigError, JobRun, Middleware, Outcome, job
+from brokerjobs import App, ConfigError, JobRun, Middleware, Outcome, RetryPolicy, SkipJob, job
 from brokerjobs.envelope import OutgoingMessage
 from brokerjobs.middleware import Pipeline
 from brokerjobs.testing import TestBroker
@@ -114,6 +114,51 @@ async def test_a_hook_that_raises_is_logged_and_changes_nothing(
     failures = [r.getMessage() for r in caplog.records]
     assert any("Broken.before_handler failed" in f for f in failures)
     assert any("Broken.after_settle failed" in f for f in failures)
+
+
+class Skipper(Middleware):
+    async def before_handler(self, run: JobRun) -> None:
+        raise SkipJob("already done elsewhere")
+
+
+async def test_a_skipped_job_settles_completed_with_its_reason_and_the_handler_never_runs() -> None:
+    ran: list[int] = []
+    points = Points()
+    app = App("mw", middleware=[Skipper(), points])
+
+    @app.handler(Step)
+    async def handle(step: Step) -> None:
+        ran.append(step.n)
+
+    async with TestBroker(app) as broker:
+        await broker.publish(Step(n=1))
+        await broker.run_until_idle()
+    assert ran == []
+    (outcome,) = broker.outcomes
+    assert (outcome.action, outcome.reason) == (
+        Outcome.COMPLETED,
+        "skipped: already done elsewhere",
+    )
+    # The later middleware's before_handler is not called: the answer ends those hooks.
+    assert points.seen == ["received", "decoded", "after_success", "after_settle:completed"]
+
+
+async def test_a_handler_raising_skip_job_completes_without_an_immediate_retry() -> None:
+    calls: list[int] = []
+    app = App("mw")
+
+    @app.handler(Step, retry=RetryPolicy(immediate_retries=2))
+    async def handle(step: Step) -> None:
+        calls.append(step.n)
+        raise SkipJob("nothing to do")
+
+    async with TestBroker(app) as broker:
+        await broker.publish(Step(n=1))
+        await broker.run_until_idle()
+    assert calls == [1]
+    assert [(o.action, o.reason) for o in broker.outcomes] == [
+        (Outcome.COMPLETED, "skipped: nothing to do")
+    ]
 
 
 async def test_before_publish_sees_every_message_and_may_add_headers() -> None:

@@ -13,7 +13,7 @@ PUBLIC = {
     "App", "BrokerJobsError", "BrokerUnreachable", "ConfigError", "ConnectionLost", "JobContext",
     "JobRun", "JobSpec", "JobStatus", "Middleware", "Outcome", "Park", "ParkingLot",
     "PermanentFailure", "PublishError", "Publisher", "Retry", "RetryLater", "RetryPolicy",
-    "Scheduler", "Settings", "Settled", "SlowJob", "StatusStore", "StatusTracker",
+    "Scheduler", "Settings", "Settled", "SkipJob", "SlowJob", "StatusStore", "StatusTracker",
     "TopologyError", "TopologyMismatch", "UnroutableJob", "Worker", "current_job",
     "declare_topology", "job", "job_spec", "load_settings", "new_job_id", "report_progress",
 }  # fmt: skip
