@@ -1,0 +1,98 @@
+"""The replay tool on parked messages a hostile or careless producer (or the broker's own
+dead-lettering) leaves: no message id, a shared id, control characters in ids and headers, a
+payload nested past the recursion limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aiormq
+
+from brokerjobs import App
+from brokerjobs.parking import ParkingLot
+from brokerjobs.provision import declare
+from tests.support import raw_amqp as raw
+from tests.support.broker import TEST_URL, Broker, make_settings, unique, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+MESSAGE_ID, TYPE, HEADERS = 0x0080, 0x0020, 0x2000
+
+
+class Blob:
+    """A property list exactly as given (aiormq reads message_id and calls marshal())."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob, self.message_id = blob, None
+
+    def marshal(self) -> bytes:
+        return self.blob
+
+
+def properties(message_id: bytes | None, headers: bytes | None = None) -> Blob:
+    flags = TYPE | (MESSAGE_ID if message_id is not None else 0) | (HEADERS if headers else 0)
+    parts = [headers or b"", raw.shortstr(message_id or b""), raw.shortstr(b"x.job")]
+    if message_id is None:
+        parts.pop(1)
+    return Blob(flags.to_bytes(2, "big") + b"".join(parts))
+
+
+async def parked_queue(broker: Broker, messages: list[tuple[bytes, Blob]]) -> str:
+    """A declared app's main queue, with ``messages`` (body, properties) in its parking queue."""
+    app = App(unique("hostile"))
+    queue = app.queue(f"{app.name}.q", "x.*").name
+    broker.track(app)
+    await declare(broker.connection, app.topology())
+    connection = await aiormq.connect(TEST_URL)
+    try:
+        channel = await connection.channel()
+        await channel.confirm_delivery()
+        for body, props in messages:
+            await channel.basic_publish(body, routing_key=f"{queue}.parked", properties=props)  # type: ignore[arg-type]
+    finally:
+        await connection.close()
+    await wait_for(lambda: broker.depth_is(f"{queue}.parked", len(messages)))
+    return queue
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "brokerjobs.cli", "parked", *args],
+        capture_output=True,
+        env={**os.environ, "BROKERJOBS_URL": TEST_URL},
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_replay_sends_back_every_job_without_an_id_or_with_a_shared_one(
+    broker: Broker,
+) -> None:
+    # As the broker dead-letters a job published without an id; and one job parked twice.
+    messages = [(b"%d" % n, properties(None)) for n in range(3)]
+    messages += [(b"%d" % n, properties(b"same")) for n in range(3, 5)]
+    queue = await parked_queue(broker, messages)
+    async with ParkingLot(make_settings(), queue) as lot:
+        report = await lot.replay()
+    assert (report.replayed, report.kept, report.failed) == (5, 0, [])
+    replayed = await broker.drain(queue)
+    assert sorted(d.body for d in replayed) == sorted(body for body, _ in messages)
+    assert await broker.depth(f"{queue}.parked") == 0
+
+
+async def test_importing_a_record_without_an_id_twice_parks_it_once(
+    broker: Broker, tmp_path: Path
+) -> None:
+    queue = await parked_queue(broker, [(b"no id", properties(None)), (b"id", properties(b"a"))])
+    path = tmp_path / "parked.jsonl"
+    async with ParkingLot(make_settings(), queue) as lot:
+        exported = await lot.export(path)
+        assert (await lot.purge(expect=exported.summary)).purged == 2
+        first = await lot.import_(path)
+        again = await lot.import_(path)  # as after an import that failed midway
+    assert len(first.published) == 2 and not first.skipped
+    assert again.published == [] and sorted(again.skipped) == sorted(first.published)
+    assert sorted(d.body for d in await broker.drain(f"{queue}.parked")) == [b"id", b"no id"]
