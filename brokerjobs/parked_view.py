@@ -5,36 +5,75 @@ prints ``details`` unchanged, for scripts."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from brokerjobs import envelope as wire
 from brokerjobs.amqp_values import Timestamp
-from brokerjobs.envelope import Delivery
+from brokerjobs.envelope import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_NUMBER_DIGITS, Delivery
 from brokerjobs.parking import ParkedJob
+from brokerjobs.validation import json_limit_problem
 
 COLUMNS = (("ID", "left"), ("JOB", "left"), ("ERROR", "left"), ("ATTEMPTS", "right"),
            ("PARKED AT", "left"))  # fmt: skip
+
+
+# Control characters (a terminal runs ESC sequences), line and bidi controls, and the lone
+# surrogates that stand for bytes that are not UTF-8: printed escaped, never as they are.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print for people: what a producer sent cannot move the cursor, clear
+    the screen or break a table's lines."""
+    return _UNPRINTABLE.sub(_escaped, text)
 
 
 def table_rows(jobs: list[ParkedJob]) -> list[list[str]]:
     """One row per job under ``COLUMNS``; errors cut to 60 characters."""
     rows = []
     for job in jobs:
-        error = job.summary()["error"]
+        error = printable(job.summary()["error"])
         error = error if len(error) <= 60 else error[:57] + "..."
         rows.append(
-            [job.job_id, job.job_name, error, str(int(job.attempts)), utc_text(job.parked_at)]
+            [
+                printable(job.job_id),
+                printable(job.job_name),
+                error,
+                str(int(job.attempts)),
+                utc_text(job.parked_at),
+            ]
         )
     return rows
 
 
+_NOT_JSON = object()
+
+
+def _json_payload(body: bytes) -> Any:
+    """The body as JSON, or _NOT_JSON; never beyond the worker's limits (a body nested deeper
+    than the recursion limit raises RecursionError in json.loads, and in dumps far sooner)."""
+    if json_limit_problem(body, DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_NUMBER_DIGITS):
+        return _NOT_JSON
+    try:
+        return json.loads(body)
+    except ValueError:
+        return _NOT_JSON
+
+
 def details(job: ParkedJob) -> dict[str, Any]:
     delivery = job.delivery
-    try:
-        payload: Any = json.loads(delivery.body)
-    except ValueError:
+    payload = _json_payload(delivery.body)
+    if payload is _NOT_JSON:
         payload = repr(delivery.body[:2000])
     return {
         **job.summary(),
@@ -74,9 +113,9 @@ def render_job(job: ParkedJob, parking_queue: str) -> str:
     own, broker, other = _header_groups(delivery.headers)
     traceback = own.pop(wire.ERROR_TRACEBACK, None)
     sections = [
-        f"parked job {job.job_id} ({job.job_name}) in {parking_queue}",
+        f"parked job {printable(job.job_id)} ({printable(job.job_name)}) in {parking_queue}",
         *(
-            f"  {row}"
+            f"  {printable(row)}"
             for row in _rows(
                 {
                     "error": f"{job.error_type}: {job.error}",
@@ -86,7 +125,7 @@ def render_job(job: ParkedJob, parking_queue: str) -> str:
                 }
             )
         ),
-        _section("traceback", _text(traceback).splitlines() if traceback else ["(none)"]),
+        _section("traceback", _text(traceback).split("\n") if traceback else ["(none)"]),
         _section("payload", _payload_lines(delivery.body)),
         _section("properties", _rows(_properties(delivery))),
         _section("brokerjobs headers (bj-*)", _header_lines(own, times=True)),
@@ -132,7 +171,7 @@ def _header_lines(headers: Mapping[str, Any], *, times: bool = False) -> list[st
             lines.extend(f"  - {_value(entry)}" for entry in value)
             continue
         text = (_iso_text(value) if times else None) or _value(value)
-        lines.append(f"{name.ljust(width)}  {text}")
+        lines.append(f"{printable(name).ljust(width)}  {text}")
     return lines
 
 
@@ -174,10 +213,11 @@ def _text(value: Any) -> str:
 
 
 def _payload_lines(body: bytes) -> list[str]:
-    try:
-        return json.dumps(json.loads(body), indent=2, ensure_ascii=False).splitlines()
-    except ValueError:
-        return [f"(not JSON, {len(body)} bytes) {body[:2000]!r}"]
+    payload = _json_payload(body)
+    if payload is _NOT_JSON:
+        problem = json_limit_problem(body, DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_NUMBER_DIGITS)
+        return [f"({problem or 'not JSON'}, {len(body)} bytes) {body[:2000]!r}"]
+    return json.dumps(payload, indent=2, ensure_ascii=False).splitlines()
 
 
 def _rows(fields: Mapping[str, Any]) -> list[str]:
@@ -186,4 +226,4 @@ def _rows(fields: Mapping[str, Any]) -> list[str]:
 
 
 def _section(title: str, lines: list[str]) -> str:
-    return "\n" + title + "\n" + "\n".join(f"  {line}" for line in lines)
+    return "\n" + title + "\n" + "\n".join(f"  {printable(line)}" for line in lines)

@@ -4,6 +4,8 @@ payload nested past the recursion limit."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +98,36 @@ async def test_importing_a_record_without_an_id_twice_parks_it_once(
     assert len(first.published) == 2 and not first.skipped
     assert again.published == [] and sorted(again.skipped) == sorted(first.published)
     assert sorted(d.body for d in await broker.drain(f"{queue}.parked")) == [b"id", b"no id"]
+
+
+async def test_show_prints_a_payload_nested_past_the_recursion_limit_as_not_json(
+    broker: Broker,
+) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000  # what a worker parks as "nested deeper than 64"
+    queue = await parked_queue(broker, [(deep, properties(b"deep"))])
+    for extra in ((), ("--json",)):
+        shown = await asyncio.to_thread(cli, "show", queue, "deep", *extra)
+        assert shown.returncode == 0, shown.stderr.decode()[-2000:]
+        assert b"Traceback" not in shown.stderr
+    assert b"nested deeper than 64" in shown.stdout or b"[[[" in shown.stdout
+    human = await asyncio.to_thread(cli, "show", queue, "deep")
+    assert b"(JSON nested deeper than 64 levels" in human.stdout
+
+
+async def test_list_show_and_replay_print_producer_text_with_control_characters_escaped(
+    broker: Broker,
+) -> None:
+    hostile = b"id\n\x1b[2J\x1b]0;owned\x07"
+    headers = raw.table([("bj-park-reason", raw.field_longstr("\x1b[31mred\x9b\u202e".encode()))])
+    queue = await parked_queue(broker, [(b"{}", properties(hostile, headers))])
+    listed = await asyncio.to_thread(cli, "list", queue)
+    shown = await asyncio.to_thread(cli, "show", queue, hostile.decode())
+    as_json = await asyncio.to_thread(cli, "list", queue, "--json")
+    for result in (listed, shown, as_json):
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert not set(result.stdout) & {0x1B, 0x07, 0x9B}, result.stdout
+        assert "\u202e" not in result.stdout.decode()
+    assert b"id\\n\\x1b[2J\\x1b]0;owned\\x07" in listed.stdout
+    assert listed.stdout.count(b"\n") == 3  # the header, one row, the count line
+    assert b"\\x1b[31mred\\x9b\\u202e" in shown.stdout
+    assert json.loads(as_json.stdout)["id"] == hostile.decode()  # JSON keeps it exactly
