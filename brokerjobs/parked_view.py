@@ -104,7 +104,11 @@ def utc_text(value: datetime | None) -> str:
         return "-"
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)  # AMQP timestamps are seconds since the epoch, UTC
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # a producer's time within a day of year 1 or 9999
+        return value.isoformat(timespec="milliseconds")
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def render_job(job: ParkedJob, parking_queue: str) -> str:

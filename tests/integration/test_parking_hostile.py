@@ -131,3 +131,32 @@ async def test_list_show_and_replay_print_producer_text_with_control_characters_
     assert listed.stdout.count(b"\n") == 3  # the header, one row, the count line
     assert b"\\x1b[31mred\\x9b\\u202e" in shown.stdout
     assert json.loads(as_json.stdout)["id"] == hostile.decode()  # JSON keeps it exactly
+
+
+async def test_a_producers_parked_at_header_never_breaks_a_listing_a_filter_or_show(
+    broker: Broker,
+) -> None:
+    # A broker's dead letter keeps the producer's headers, bj-parked-at included.
+    times = {
+        b"naive": raw.field_longstr(b"2026-01-01T00:00:00"),
+        b"not-utf8": raw.field_bytes(b"\xff\xfe"),
+        b"year-1": raw.field_longstr(b"0001-01-01T00:00:00+14:00"),
+        b"year-9999": raw.field_longstr(b"9999-12-31T23:59:59-14:00"),
+    }
+    messages = [
+        (b"{}", properties(name, raw.table([("bj-parked-at", value)])))
+        for name, value in times.items()
+    ]
+    far = raw.table([("bj-first-failed-at", raw.field_longstr(b"9999-12-31T23:59:59-14:00"))])
+    messages.append((b"{}", properties(b"far-first-failure", far)))
+    queue = await parked_queue(broker, messages)
+    for args in (["list"], ["list", "--json"], ["list", "--older-than", "1h"]):
+        listed = await asyncio.to_thread(cli, *args[:1], queue, *args[1:])
+        assert listed.returncode == 0, listed.stderr.decode()[-2000:]
+    assert b"naive" in listed.stdout  # read as UTC: 2026-01-01 is older than an hour
+    for name in [*times, b"far-first-failure"]:
+        shown = await asyncio.to_thread(cli, "show", queue, name.decode())
+        assert shown.returncode == 0, shown.stderr.decode()[-2000:]
+    assert (
+        b"2026-01-01T00:00:00.000Z" in (await asyncio.to_thread(cli, "show", queue, "naive")).stdout
+    )
