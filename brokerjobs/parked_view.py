@@ -5,7 +5,6 @@ prints ``details`` unchanged, for scripts."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -14,28 +13,10 @@ from brokerjobs import envelope as wire
 from brokerjobs.amqp_values import Timestamp
 from brokerjobs.envelope import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_NUMBER_DIGITS, Delivery
 from brokerjobs.parking import ParkedJob
-from brokerjobs.validation import json_limit_problem
+from brokerjobs.validation import json_limit_problem, printable
 
 COLUMNS = (("ID", "left"), ("JOB", "left"), ("ERROR", "left"), ("ATTEMPTS", "right"),
            ("PARKED AT", "left"))  # fmt: skip
-
-
-# Control characters (a terminal runs ESC sequences), line and bidi controls, and the lone
-# surrogates that stand for bytes that are not UTF-8: printed escaped, never as they are.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte itself
-        return f"\\x{code - 0xDC00:02x}"
-    return match.group().encode("unicode_escape").decode("ascii")
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print for people: what a producer sent cannot move the cursor, clear
-    the screen or break a table's lines."""
-    return _UNPRINTABLE.sub(_escaped, text)
 
 
 def table_rows(jobs: list[ParkedJob]) -> list[list[str]]:

@@ -19,8 +19,9 @@ from brokerjobs.cli_support import CliError, Duration, Exit, Regex, examples, ru
 from brokerjobs.cli_support import start as start_cli
 from brokerjobs.errors import ParkingError
 from brokerjobs.parking import ParkingLot, Report, Selection
+from brokerjobs.validation import printable
 
-_p = parked_view.printable  # ids and reasons come from producers: never raw to a terminal
+_p = printable  # ids and reasons come from producers: never raw to a terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
 Action = Callable[[ParkingLot], Coroutine[Any, Any, int]]
