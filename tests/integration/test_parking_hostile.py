@@ -14,6 +14,7 @@ from pathlib import Path
 import aiormq
 
 from brokerjobs import App
+from brokerjobs.envelope import OutgoingMessage
 from brokerjobs.parking import ParkingLot
 from brokerjobs.provision import declare
 from tests.support import raw_amqp as raw
@@ -160,3 +161,28 @@ async def test_a_producers_parked_at_header_never_breaks_a_listing_a_filter_or_s
     assert (
         b"2026-01-01T00:00:00.000Z" in (await asyncio.to_thread(cli, "show", queue, "naive")).stdout
     )
+
+
+async def test_export_then_purge_expecting_it_works_on_a_quorum_parking_queue(
+    broker: Broker, tmp_path: Path
+) -> None:
+    # Each scan returns the messages it kept, and a quorum queue counts that in x-delivery-count.
+    app = App(unique("qpark"), queue_kind="quorum")
+    queue = app.queue(f"{app.name}.q", "x.*").name
+    [parking] = [q for q in app.topology().queues if q.role == "parking"]
+    channel = await broker.fresh_channel()
+    for name, arguments in ((queue, {}), (parking.name, parking.arguments)):
+        broker.track_queue(name)
+        await channel.declare_queue(name, arguments)
+    for n in range(3):
+        await channel.publish(
+            OutgoingMessage(b"{}", f"job-{n}", "x.job", None, {}), "", parking.name
+        )
+    path = tmp_path / "parked.jsonl"
+    async with ParkingLot(make_settings(), queue) as lot:
+        exported = await lot.export(path)
+        assert exported.summary is not None and exported.summary.count == 3
+        await lot.list()  # another look before the purge, as an operator would
+        purged = await lot.purge(expect=exported.summary)
+        assert purged.purged == 3
+        assert sorted((await lot.import_(path)).published) == ["job-0", "job-1", "job-2"]
