@@ -36,6 +36,10 @@ from brokerjobs.errors import ParkingError
 FORMAT = "brokerjobs-parked"
 VERSION = 2
 _PROPERTIES = tuple(name for name in av.PROPERTY_NAMES if name != "headers")
+# A quorum queue's count of deliveries: every scan that returns a message raises it, so a record
+# with it would never match the export it came from (purge --expect-checksum would always refuse).
+# No copy carries it (envelope.BROKER_DEATH_HEADERS).
+_REDELIVERIES = "x-delivery-count"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +145,7 @@ def to_record(delivery: Delivery) -> dict[str, Any]:
     try:
         if properties["timestamp"] is not None:
             properties["timestamp"] = at.timestamp_seconds(properties["timestamp"])
-        headers = {k: _tag(v) for k, v in delivery.headers.items()}
+        headers = {k: _tag(v) for k, v in delivery.headers.items() if k != _REDELIVERIES}
     except at.UnencodableError as exc:
         raise ParkingError(f"job {delivery.message_id}: cannot be exported: {exc}") from None
     return {

@@ -227,7 +227,7 @@ class QueueConsumer:
         if run is not None:
             run.failure, run.decision = outcome, decision
             await self._pipeline.run(self._pipeline.after_failure, run)
-        await self._settlement.carry_out(delivery, handler.retry, outcome, decision)
+        decision = await self._settlement.carry_out(delivery, handler.retry, outcome, decision)
         done.append(settled_by(outcome, decision))
 
     def _context(self, delivery: Delivery, handler: HandlerSpec) -> JobContext:

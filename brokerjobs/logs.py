@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from brokerjobs.envelope import Delivery
+from brokerjobs.validation import printable
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -53,10 +54,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    """One line per record (a traceback follows it): ids, job names and errors come from
+    producers, and a newline or escape sequence in them must not forge or hide log lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
         error = record.__dict__.get("error")
-        return f"{line}: {error}" if error else line
+        return printable(f"{line}: {error}" if error else line)
 
 
 def configure_logging(fmt: str, level: str) -> None:

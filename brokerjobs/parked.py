@@ -13,6 +13,7 @@ from typing import Any
 
 from brokerjobs import envelope as wire
 from brokerjobs.envelope import Delivery, OutgoingMessage
+from brokerjobs.validation import header_text
 
 _FAILURE_HEADERS = (
     wire.ERROR_TYPE, wire.ERROR_MESSAGE, wire.ERROR_TRACEBACK, wire.PARK_REASON,
@@ -60,12 +61,12 @@ class ParkedJob:
 
     @property
     def parked_at(self) -> datetime | None:
-        value = self.delivery.headers.get(wire.PARKED_AT)
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return datetime.fromisoformat(value)
+        # Ours is always an ISO time in UTC; a broker's dead letter keeps a producer's value.
+        value = header_text(self.delivery.headers, wire.PARKED_AT, max_chars=64)
+        if value is not None:
+            with contextlib.suppress(ValueError, OverflowError):
+                parsed = datetime.fromisoformat(value)
+                return parsed.replace(tzinfo=parsed.tzinfo or UTC).astimezone(UTC)
         death_time = (_first_death(self.delivery.headers) or {}).get("time")
         if isinstance(death_time, datetime):
             return death_time.replace(tzinfo=death_time.tzinfo or UTC)

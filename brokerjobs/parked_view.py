@@ -11,8 +11,9 @@ from typing import Any
 
 from brokerjobs import envelope as wire
 from brokerjobs.amqp_values import Timestamp
-from brokerjobs.envelope import Delivery
+from brokerjobs.envelope import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_NUMBER_DIGITS, Delivery
 from brokerjobs.parking import ParkedJob
+from brokerjobs.validation import json_limit_problem, printable
 
 COLUMNS = (("ID", "left"), ("JOB", "left"), ("ERROR", "left"), ("ATTEMPTS", "right"),
            ("PARKED AT", "left"))  # fmt: skip
@@ -22,19 +23,38 @@ def table_rows(jobs: list[ParkedJob]) -> list[list[str]]:
     """One row per job under ``COLUMNS``; errors cut to 60 characters."""
     rows = []
     for job in jobs:
-        error = job.summary()["error"]
+        error = printable(job.summary()["error"])
         error = error if len(error) <= 60 else error[:57] + "..."
         rows.append(
-            [job.job_id, job.job_name, error, str(int(job.attempts)), utc_text(job.parked_at)]
+            [
+                printable(job.job_id),
+                printable(job.job_name),
+                error,
+                str(int(job.attempts)),
+                utc_text(job.parked_at),
+            ]
         )
     return rows
 
 
+_NOT_JSON = object()
+
+
+def _json_payload(body: bytes) -> Any:
+    """The body as JSON, or _NOT_JSON; never beyond the worker's limits (a body nested deeper
+    than the recursion limit raises RecursionError in json.loads, and in dumps far sooner)."""
+    if json_limit_problem(body, DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_NUMBER_DIGITS):
+        return _NOT_JSON
+    try:
+        return json.loads(body)
+    except ValueError:
+        return _NOT_JSON
+
+
 def details(job: ParkedJob) -> dict[str, Any]:
     delivery = job.delivery
-    try:
-        payload: Any = json.loads(delivery.body)
-    except ValueError:
+    payload = _json_payload(delivery.body)
+    if payload is _NOT_JSON:
         payload = repr(delivery.body[:2000])
     return {
         **job.summary(),
@@ -65,7 +85,11 @@ def utc_text(value: datetime | None) -> str:
         return "-"
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)  # AMQP timestamps are seconds since the epoch, UTC
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # a producer's time within a day of year 1 or 9999
+        return value.isoformat(timespec="milliseconds")
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def render_job(job: ParkedJob, parking_queue: str) -> str:
@@ -74,9 +98,9 @@ def render_job(job: ParkedJob, parking_queue: str) -> str:
     own, broker, other = _header_groups(delivery.headers)
     traceback = own.pop(wire.ERROR_TRACEBACK, None)
     sections = [
-        f"parked job {job.job_id} ({job.job_name}) in {parking_queue}",
+        f"parked job {printable(job.job_id)} ({printable(job.job_name)}) in {parking_queue}",
         *(
-            f"  {row}"
+            f"  {printable(row)}"
             for row in _rows(
                 {
                     "error": f"{job.error_type}: {job.error}",
@@ -86,7 +110,7 @@ def render_job(job: ParkedJob, parking_queue: str) -> str:
                 }
             )
         ),
-        _section("traceback", _text(traceback).splitlines() if traceback else ["(none)"]),
+        _section("traceback", _text(traceback).split("\n") if traceback else ["(none)"]),
         _section("payload", _payload_lines(delivery.body)),
         _section("properties", _rows(_properties(delivery))),
         _section("brokerjobs headers (bj-*)", _header_lines(own, times=True)),
@@ -132,7 +156,7 @@ def _header_lines(headers: Mapping[str, Any], *, times: bool = False) -> list[st
             lines.extend(f"  - {_value(entry)}" for entry in value)
             continue
         text = (_iso_text(value) if times else None) or _value(value)
-        lines.append(f"{name.ljust(width)}  {text}")
+        lines.append(f"{printable(name).ljust(width)}  {text}")
     return lines
 
 
@@ -174,10 +198,11 @@ def _text(value: Any) -> str:
 
 
 def _payload_lines(body: bytes) -> list[str]:
-    try:
-        return json.dumps(json.loads(body), indent=2, ensure_ascii=False).splitlines()
-    except ValueError:
-        return [f"(not JSON, {len(body)} bytes) {body[:2000]!r}"]
+    payload = _json_payload(body)
+    if payload is _NOT_JSON:
+        problem = json_limit_problem(body, DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_NUMBER_DIGITS)
+        return [f"({problem or 'not JSON'}, {len(body)} bytes) {body[:2000]!r}"]
+    return json.dumps(payload, indent=2, ensure_ascii=False).splitlines()
 
 
 def _rows(fields: Mapping[str, Any]) -> list[str]:
@@ -186,4 +211,4 @@ def _rows(fields: Mapping[str, Any]) -> list[str]:
 
 
 def _section(title: str, lines: list[str]) -> str:
-    return "\n" + title + "\n" + "\n".join(f"  {line}" for line in lines)
+    return "\n" + title + "\n" + "\n".join(f"  {printable(line)}" for line in lines)

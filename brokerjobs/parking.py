@@ -11,7 +11,9 @@ not met) none. Export and import go through ``archive``: verified files, re-runn
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -235,10 +237,15 @@ class ParkingLot:
         report = ImportReport()
         todo = []
         for delivery in deliveries:
-            if delivery.message_id and delivery.message_id in present:
-                report.skipped.append(delivery.message_id)
+            # A record without an id (a broker's dead letter) gets one from its content, the
+            # same on every run: a second import skips it instead of parking it twice.
+            job_id = delivery.message_id or hashlib.sha256(record_line(delivery)).hexdigest()[:32]
+            if job_id in present:
+                report.skipped.append(job_id)
             else:
-                todo.append(wire.copy_of(delivery, dict(delivery.headers)))
+                todo.append(
+                    wire.copy_of(replace(delivery, message_id=job_id), dict(delivery.headers))
+                )
         channel = await self.connection.channel(confirms=True)
         try:
             failed = await channel.publish_many(
@@ -271,18 +278,14 @@ class ParkingLot:
         reader = await self.connection.channel(confirms=False)  # no prefetch: hold them all
         writer = await self.connection.channel(confirms=True)
         settling = Settler(reader, writer, self.queue, self._window, report, self.telemetry)
-        seen_replayed: set[str] = set()
         try:
             async for delivery in deliveries(reader, self.parking_queue, total):
                 job = ParkedJob(delivery)
                 report.scanned += 1
-                if job.job_id in seen_replayed:
+                if settling.came_back(job):
                     continue  # our own replay came back already: leave it for a later run
                 if self._selected(selection, job, now, report):
-                    verdict = await visit(job)
-                    if verdict is Verdict.REPLAY:
-                        seen_replayed.add(job.job_id)
-                    await settling.settle(delivery, job, verdict)
+                    await settling.settle(delivery, job, await visit(job))
                 if progress is not None:
                     progress(report, total)
             if gate is not None:

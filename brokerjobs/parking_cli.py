@@ -19,6 +19,9 @@ from brokerjobs.cli_support import CliError, Duration, Exit, Regex, examples, ru
 from brokerjobs.cli_support import start as start_cli
 from brokerjobs.errors import ParkingError
 from brokerjobs.parking import ParkingLot, Report, Selection
+from brokerjobs.validation import printable
+
+_p = printable  # ids and reasons come from producers: never raw to a terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
 Action = Callable[[ParkingLot], Coroutine[Any, Any, int]]
@@ -202,9 +205,9 @@ async def _replay(
     else:
         click.echo(f"replayed {report.replayed} job(s) to {lot.queue}; {report.kept} still parked")
     for job_id, reason in report.invalid:
-        click.echo(f"kept {job_id}: payload invalid: {reason}", err=True)
+        click.echo(f"kept {_p(job_id)}: payload invalid: {_p(reason)}", err=True)
     for job_id, reason in report.failed:
-        click.echo(f"kept {job_id}: {reason}", err=True)
+        click.echo(f"kept {_p(job_id)}: {_p(reason)}", err=True)
     if report.failed:
         return Exit.FAILURE
     return Exit.OK if report.jobs else Exit.NOTHING
@@ -310,11 +313,11 @@ def import_command(queue: str, file: Path) -> int:
 async def _import(lot: ParkingLot, file: Path) -> int:
     report = await lot.import_(file)
     for job_id in report.published:
-        click.echo(f"published {job_id}")
+        click.echo(f"published {_p(job_id)}")
     for job_id in report.skipped:
-        click.echo(f"skipped {job_id}: already parked")
+        click.echo(f"skipped {_p(job_id)}: already parked")
     for job_id, reason in report.failed:
-        click.echo(f"failed {job_id}: {reason}", err=True)
+        click.echo(f"failed {_p(job_id)}: {_p(reason)}", err=True)
     click.echo(
         f"imported {len(report.published)} job(s) into {lot.parking_queue}; "
         f"{len(report.skipped)} already there; {len(report.failed)} failed"

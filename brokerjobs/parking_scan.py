@@ -12,7 +12,7 @@ from enum import Enum
 
 from brokerjobs.archive import Summary
 from brokerjobs.broker.base import BrokerChannel as Channel
-from brokerjobs.envelope import Delivery
+from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int
 from brokerjobs.parked import ParkedJob, replay_message
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE
@@ -73,20 +73,31 @@ class Settler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._removals: list[int] = []  # acked in finish(), after the whole scan
         self._report = report
+        # The copies sent back to work, by job id: their replay count (see came_back).
+        self._copies: dict[str, int] = {}
+
+    def came_back(self, job: ParkedJob) -> bool:
+        """Whether ``job`` is one of this scan's own replays, parked again before the scan
+        ended: its id and at least its replay count. Two parked jobs may share an id (a job
+        duplicated by a crash, a producer that reuses ids; the broker's dead letters of jobs
+        published without one all read as the id ""): the original of each is not a copy."""
+        replays = self._copies.get(job.job_id)
+        return replays is not None and job.replays >= replays
 
     async def settle(self, delivery: Delivery, job: ParkedJob, verdict: Verdict) -> None:
         if verdict is Verdict.REMOVE:
             self._removals.append(delivery.delivery_tag)
         elif verdict is Verdict.REPLAY:
+            message = replay_message(job)
+            self._copies[message.message_id] = header_int(message.headers, REPLAYS, 0)
             await self._slots.acquire()
-            task = asyncio.create_task(self._replay(delivery, job))
+            task = asyncio.create_task(self._replay(delivery, job, message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _replay(self, delivery: Delivery, job: ParkedJob) -> None:
+    async def _replay(self, delivery: Delivery, job: ParkedJob, message: OutgoingMessage) -> None:
         try:
             # Straight to the failing queue only, never through the topic exchange.
-            message = replay_message(job)
             with self._telemetry.sending(
                 message,
                 DEFAULT_EXCHANGE,

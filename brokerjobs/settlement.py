@@ -6,6 +6,7 @@ unacked, so the broker redelivers it. That may duplicate a job, never lose one.
 
 from __future__ import annotations
 
+import logging
 import traceback
 from datetime import UTC, datetime
 from typing import Any
@@ -13,12 +14,14 @@ from typing import Any
 from brokerjobs import envelope as wire
 from brokerjobs.broker.base import MessageChannel
 from brokerjobs.envelope import Delivery, OutgoingMessage
-from brokerjobs.errors import PublishNacked
+from brokerjobs.errors import PublishNacked, UnencodableMessage
 from brokerjobs.identity import process_identity
 from brokerjobs.retry import Decision, Failure, Park, Retry, RetryPolicy, clamp_attempt, decide
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE, parking_queue_name, retry_queue_name
 from brokerjobs.validation import trace_id
+
+log = logging.getLogger("brokerjobs.settlement")
 
 MAX_TRACEBACK_CHARS = 4000
 NACK_RETRY_S = 3.0  # then the original is requeued and the worker opens new channels
@@ -39,8 +42,7 @@ class Settlement:
 
     async def failed(self, delivery: Delivery, policy: RetryPolicy, failure: Failure) -> Decision:
         decision = self.decide(delivery, policy, failure)
-        await self.carry_out(delivery, policy, failure, decision)
-        return decision
+        return await self.carry_out(delivery, policy, failure, decision)
 
     @staticmethod
     def decide(delivery: Delivery, policy: RetryPolicy, failure: Failure) -> Decision:
@@ -49,17 +51,50 @@ class Settlement:
 
     async def carry_out(
         self, delivery: Delivery, policy: RetryPolicy, failure: Failure, decision: Decision
-    ) -> None:
-        """Publish the retry or parking copy with confirm, then ack the original."""
+    ) -> Decision:
+        """Publish the retry or parking copy with confirm, then ack the original; returns the
+        decision carried out (a retry whose copy cannot be sent is parked instead)."""
         attempt = clamp_attempt(policy, delivery.attempt)
         if isinstance(decision, Retry):
             message = retry_message(delivery, self.queue, failure, decision.delay, attempt)
-            target, operation = retry_queue_name(self.queue, decision.delay), "retry"
-        else:
-            message = parked_message(delivery, self.queue, failure, decision, attempt)
-            target, operation = self.parking_queue, "park"
-        await self._publish(message, target, operation)
+            try:
+                await self._publish(message, retry_queue_name(self.queue, decision.delay), "retry")
+            except UnencodableMessage as exc:
+                # Our failure headers pushed a job that arrived fine past one frame: redelivered,
+                # it would fail to settle the same way forever.
+                decision = Park(f"its retry copy cannot be sent: {exc}"[:MAX_ERROR_CHARS])
+            else:
+                await self._channel.ack(delivery.delivery_tag)
+                return decision
+        await self._park(delivery, failure, decision, attempt)
+        return decision
+
+    async def _park(
+        self, delivery: Delivery, failure: Failure, decision: Park, attempt: int
+    ) -> None:
+        """Publish the parking copy, then ack; a copy too large goes without its traceback, and
+        if even that cannot be sent the delivery is rejected as it is (dead-lettered to the
+        parking queue by the broker) instead of failing to settle on every redelivery."""
+        message = parked_message(delivery, self.queue, failure, decision, attempt)
+        if not await self._parked(message):
+            had_traceback = message.headers.pop(wire.ERROR_TRACEBACK, None) is not None
+            if not (had_traceback and await self._parked(message)):
+                log.error(
+                    "job %s: its parking copy cannot be sent (%s); rejected as it is",
+                    delivery.message_id,
+                    decision.reason,
+                )
+                await self.reject(delivery)
+                return
         await self._channel.ack(delivery.delivery_tag)
+
+    async def _parked(self, message: OutgoingMessage) -> bool:
+        try:
+            await self._publish(message, self.parking_queue, "park")
+        except UnencodableMessage as exc:
+            log.warning("parking copy of %s cannot be sent: %s", message.message_id, exc)
+            return False
+        return True
 
     async def _publish(self, message: OutgoingMessage, target: str, operation: str) -> None:
         """Publish with confirm; nacks (a quorum queue between leaders) are retried a while."""

@@ -114,6 +114,24 @@ def _depth_exceeds(brackets: bytes, limit: int) -> bool:
     return False
 
 
+# Control characters (a terminal runs ESC sequences), line and bidi controls, and the lone
+# surrogates that stand for bytes that are not UTF-8: printed escaped, never as they are.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print for people: what a producer sent cannot move the cursor, clear
+    the screen or break a table's lines."""
+    return _UNPRINTABLE.sub(_escaped, text)
+
+
 class TraceParent(NamedTuple):
     trace_id: str  # 32 lowercase hex digits, not all zero
     span_id: str  # 16 lowercase hex digits, not all zero

@@ -131,6 +131,9 @@ async def _connect_once(
         if "Connection.Close" not in str(exc):
             raise _Unreachable(f"{type(exc).__name__}: {_describe(exc)}") from None
         raise BrokerUnreachable(_vhost_refused(settings, url)) from None
+    except amqp_errors.ProtocolSyntaxError:
+        # The server's first bytes were another protocol header: AMQP 1.0, or another version.
+        raise _Unreachable("the server answered in another protocol than AMQP 0-9-1") from None
     except CONNECT_ERRORS as exc:
         refused = _certificate_error(exc)
         if refused is not None:  # retrying cannot help
