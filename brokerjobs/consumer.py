@@ -326,7 +326,7 @@ def _answered(signal: RetryLater | PermanentFailure | SkipJob) -> Failure | Comp
         return Failure(FailureKind.RETRY_LATER, str(signal), signal.delay, "RetryLater")
     if isinstance(signal, PermanentFailure):
         return Failure(FailureKind.PERMANENT, str(signal), None, "PermanentFailure")
-    return Completed(None, skipped=str(signal) or "skipped by middleware")
+    return Completed(None, skipped=str(signal) or "no reason given")
 
 
 def _skipped(reason: str) -> Settled:
