@@ -216,18 +216,24 @@ class QueueConsumer:
         handler = self._handlers[decoded.spec.name]
         context = self._context(delivery, handler)
         outcome = await self._run(handler, decoded.job, context, run)
+        pipeline = self._pipeline
         if isinstance(outcome, Completed):
             if run is not None:
-                run.result = outcome.result
-                await self._pipeline.run(self._pipeline.after_success, run)
+                run.result, run.skipped = outcome.result, outcome.skipped
+                hooks = pipeline.unwinding(pipeline.after_success, "after_success", run)
+                await pipeline.run(hooks, run)
             await self._settlement.succeeded(delivery)
             done.append(COMPLETED if outcome.skipped is None else _skipped(outcome.skipped))
             return
         decision = self._settlement.decide(delivery, handler.retry, outcome)
         if run is not None:
             run.failure, run.decision = outcome, decision
-            await self._pipeline.run(self._pipeline.after_failure, run)
+            await pipeline.run(
+                pipeline.unwinding(pipeline.after_failure, "after_failure", run), run
+            )
         decision = await self._settlement.carry_out(delivery, handler.retry, outcome, decision)
+        if run is not None:
+            run.decision = decision  # parked instead when its retry copy could not be sent
         done.append(settled_by(outcome, decision))
 
     def _context(self, delivery: Delivery, handler: HandlerSpec) -> JobContext:

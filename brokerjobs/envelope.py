@@ -41,6 +41,8 @@ PARKED_AT = "bj-parked-at"
 WORKER = "bj-worker"
 TRACE_ID = "bj-trace-id"
 ORIGINAL_TRACEPARENT = "bj-original-traceparent"
+REPLAY_SCAN = "bj-replay-scan"  # which replay run sent this copy back to work
+DROPPED_HEADERS = "bj-dropped-headers"  # a parking copy without the producer's headers
 # Headers the broker owns: never carry them over when we republish (4.x ignores client x-death).
 BROKER_DEATH_HEADERS = (
     "x-death",

@@ -1,11 +1,12 @@
 """Lifecycle hooks for metrics and alerts: ``app.on("start" | "complete" | "fail", callback)``.
 
 - ``start``: the handler is about to run;
-- ``complete``: the job succeeded and is acked;
+- ``complete``: the job succeeded and is acked (not a job a middleware skipped);
 - ``fail``: the handler failed; ``run.failure`` says why and ``run.decision`` what follows
   (``Retry(delay)`` or ``Park(reason)``).
 
-A callback takes the ``JobRun`` and may be sync or async; what it raises is logged.
+A callback takes the ``JobRun`` and may be sync or async; what it raises is logged (it cannot
+answer for the handler: that is a ``Middleware.before_handler``'s).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class LifecycleHooks(Middleware):
         await _call_each(self._callbacks["fail"], run)
 
     async def after_settle(self, run: JobRun) -> None:
-        if run.settled is not None and run.settled.outcome is Outcome.COMPLETED:
+        settled = run.settled
+        if settled is not None and settled.outcome is Outcome.COMPLETED and run.skipped is None:
             await _call_each(self._callbacks["complete"], run)
 
 

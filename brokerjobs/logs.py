@@ -22,8 +22,11 @@ def log_event(
     queue: str,
     started: float,
     error: str | None = None,
+    *,
+    field: str = "error",
 ) -> None:
-    """One event per job outcome: action, job, message_id, attempt, queue, duration_ms, error."""
+    """One event per job outcome: action, job, message_id, attempt, queue, duration_ms, and
+    ``error`` (or, with ``field``, another name for that text: a skipped job's ``reason``)."""
     if not logger.isEnabledFor(level):
         return
     fields: dict[str, Any] = {
@@ -35,7 +38,7 @@ def log_event(
         "duration_ms": round((time.monotonic() - started) * 1000, 2),
     }
     if error is not None:
-        fields["error"] = error
+        fields[field] = error
     logger.log(level, "%s %s %s", action, fields["job"], fields["message_id"], extra=fields)
 
 
@@ -59,8 +62,8 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
-        error = record.__dict__.get("error")
-        return printable(f"{line}: {error}" if error else line)
+        why = record.__dict__.get("error") or record.__dict__.get("reason")
+        return printable(f"{line}: {why}" if why else line)
 
 
 def configure_logging(fmt: str, level: str) -> None:

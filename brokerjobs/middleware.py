@@ -10,10 +10,13 @@ order they were added, the after-points in the reverse order, as layers unwind):
    may answer for the handler, which then does not run, by raising what a handler would:
    ``RetryLater`` (a limit reached, a circuit open: run it again later; the attempt counts) or
    ``PermanentFailure`` (park it), or ``SkipJob`` (settle it as completed: a duplicate already
-   done). The first hook that answers ends the before-handler hooks; the delivery then goes on
-   to point 4 as if the handler had raised (or, skipped, returned None).
+   done; ``run.skipped`` says why). The first hook that answers ends the before-handler hooks,
+   and the layers after it never saw the job: point 4 goes only to the answering middleware
+   and those before it (``after_settle`` still to all), as if the handler had raised (or,
+   skipped, returned None). Before-handler hooks run outside the job's timeout.
 4. ``after_success(run)`` (``run.result``) or ``after_failure(run)`` (``run.failure`` and
-   ``run.decision``: the retry or park that settlement is about to carry out).
+   ``run.decision``: the retry or park that settlement is about to carry out; rarely, a retry
+   whose copy cannot be sent is parked instead: ``run.decision`` is then updated before 5).
 5. ``after_settle(run)``: the delivery is settled (``run.settled``): always called once,
    also for undecodable messages (no step 2-4), requeues on shutdown and unexpected errors.
 
@@ -52,6 +55,7 @@ class JobRun:
     """One delivery as it passes the pipeline: what every hook sees, filled in as it goes."""
 
     __slots__ = (
+        "_answered_by",
         "_state",
         "context",
         "decision",
@@ -62,6 +66,7 @@ class JobRun:
         "queue",
         "result",
         "settled",
+        "skipped",
         "started_at",
     )
 
@@ -76,6 +81,8 @@ class JobRun:
         self.failure: Failure | None = None
         self.decision: Decision | None = None
         self.settled: Settled | None = None
+        self.skipped: str | None = None  # why the handler did not run (a SkipJob answer)
+        self._answered_by: int | None = None  # the middleware whose before_handler answered
         self._state: dict[object, Any] | None = None
 
     @property
@@ -156,10 +163,16 @@ class Pipeline:
         for m in self.middleware:
             if not isinstance(m, Middleware):
                 raise TypeError(f"{m!r} is not a brokerjobs.Middleware")
-        self._hooks: dict[str, tuple[Hook, ...]] = {
-            point: tuple(getattr(m, point) for m in self.middleware if _overrides(m, point))
-            for point in (*_DELIVERY_POINTS, "worker_started", "worker_stopping")
+        points = (*_DELIVERY_POINTS, "worker_started", "worker_stopping")
+        self._owners: dict[str, tuple[int, ...]] = {
+            point: tuple(i for i, m in enumerate(self.middleware) if _overrides(m, point))
+            for point in points
         }
+        self._hooks: dict[str, tuple[Hook, ...]] = {
+            point: tuple(getattr(self.middleware[i], point) for i in owners)
+            for point, owners in self._owners.items()
+        }
+        self._entered: dict[tuple[str, int], tuple[Hook, ...]] = {}
         self.received = self._hooks["received"]
         self.decoded = self._hooks["decoded"]
         self.before_handler = self._hooks["before_handler"]
@@ -181,7 +194,25 @@ class Pipeline:
     async def before_handler_hooks(self, run: JobRun) -> None:
         """Call the before-handler hooks; the first answer (see ``ANSWERS``) stops them and is
         raised for the consumer to settle by."""
-        await _call_each(self.before_handler, run, answers=ANSWERS)
+        for owner, hook in zip(self._owners["before_handler"], self.before_handler, strict=True):
+            try:
+                await _call_each((hook,), run, answers=ANSWERS)
+            except ANSWERS:
+                run._answered_by = owner
+                raise
+
+    def unwinding(self, hooks: tuple[Hook, ...], point: str, run: JobRun) -> tuple[Hook, ...]:
+        """``hooks`` (an after-point's, ``point``) for the layers ``run`` entered: all, unless a
+        before-handler hook answered: then that middleware's and those before it."""
+        answered_by = run._answered_by
+        if answered_by is None:
+            return hooks
+        entered = self._entered.get((point, answered_by))
+        if entered is None:
+            owners = self._owners[point][::-1]
+            entered = tuple(h for o, h in zip(owners, hooks, strict=True) if o <= answered_by)
+            self._entered[point, answered_by] = entered
+        return entered
 
     async def run_all(self, hooks: tuple[Hook, ...], run: JobRun) -> None:
         """As ``run``, but every hook runs even if the task is cancelled meanwhile (a shutdown

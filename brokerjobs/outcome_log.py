@@ -25,7 +25,9 @@ class LogOutcomes(Middleware):
             return
         level = _LEVELS[settled.outcome]
         if log.isEnabledFor(level):
+            # A completed job's reason (why it was skipped) is not an error.
+            field = "reason" if settled.outcome is Outcome.COMPLETED else "error"
             log_event(
                 log, level, settled.outcome.value, run.delivery, run.queue, run.started_at,
-                settled.reason,
+                settled.reason, field=field,
             )  # fmt: skip

@@ -19,7 +19,7 @@ class Settled:
 
     outcome: Outcome
     error_type: str | None = None  # the failure's type (retried, parked)
-    reason: str | None = None  # the failure (retried) or the park reason (parked)
+    reason: str | None = None  # the failure (retried), the park reason (parked), why skipped
     retry_delay: float | None = None  # the tier a retried job waits in
 
 

@@ -134,7 +134,7 @@ EVERYTHING = Selection()
 def replay_message(job: ParkedJob) -> OutgoingMessage:
     """The copy that goes back to work: attempt 1, one more replay, no broker death headers."""
     source = job.delivery
-    drop = set(wire.BROKER_DEATH_HEADERS) | set(_FAILURE_HEADERS)
+    drop = {*wire.BROKER_DEATH_HEADERS, *_FAILURE_HEADERS, wire.REPLAY_SCAN}
     headers = {k: v for k, v in source.headers.items() if k not in drop}
     headers[wire.ATTEMPT] = 1
     headers[wire.REPLAYS] = job.replays + 1

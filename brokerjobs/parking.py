@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from brokerjobs.archive import Digest, Summary, read_export, record_line, write_
 from brokerjobs.broker import default_broker
 from brokerjobs.broker.base import Broker
 from brokerjobs.broker.base import BrokerConnection as Connection
-from brokerjobs.envelope import Decoded, decode
+from brokerjobs.envelope import Decoded, Delivery, decode
 from brokerjobs.errors import ParkingError, TopologyError
 from brokerjobs.jobs import JobSpec
 from brokerjobs.parked import EVERYTHING, ParkedJob, Selection, replay_message
@@ -228,19 +229,20 @@ class ParkingLot:
     async def import_(self, path: Path) -> ImportReport:
         """Publish the records of an export file into this parking queue, confirmed.
 
-        The whole file is verified first (format, count, checksum). Records whose job id is
-        already in the parking queue are skipped, so an import that failed midway can simply
-        be run again. Each record is published as ``envelope.copy_of`` would copy it.
+        The whole file is verified first (format, count, checksum). A record is skipped for
+        each job of its id already in the parking queue, so an import that failed midway can
+        simply be run again. A record without an id (a broker's dead letter) is given one from
+        its content, the same on every run. Each record is published as ``envelope.copy_of``
+        would copy it.
         """
         deliveries, _ = read_export(path)
-        present = {job.job_id for job in (await self.list()).jobs}
+        present = Counter(_import_id(job.delivery) for job in (await self.list()).jobs)
         report = ImportReport()
         todo = []
         for delivery in deliveries:
-            # A record without an id (a broker's dead letter) gets one from its content, the
-            # same on every run: a second import skips it instead of parking it twice.
-            job_id = delivery.message_id or hashlib.sha256(record_line(delivery)).hexdigest()[:32]
-            if job_id in present:
+            job_id = _import_id(delivery)
+            if present[job_id] > 0:  # counted: two records sharing an id are two jobs
+                present[job_id] -= 1
                 report.skipped.append(job_id)
             else:
                 todo.append(
@@ -311,3 +313,8 @@ def _refusal(found: str, expected: str) -> str:
         f"refusing to purge: the parking queue matches {found}, the export had {expected}; "
         "nothing was purged. Export again (and keep that file) before purging."
     )
+
+
+def _import_id(delivery: Delivery) -> str:
+    """A record's job id, or for one without, an id derived from its content."""
+    return delivery.message_id or hashlib.sha256(record_line(delivery)).hexdigest()[:32]

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from brokerjobs import envelope as wire
 from brokerjobs.archive import Summary
 from brokerjobs.broker.base import BrokerChannel as Channel
-from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int
+from brokerjobs.envelope import Delivery, OutgoingMessage
 from brokerjobs.parked import ParkedJob, replay_message
 from brokerjobs.telemetry import Telemetry
 from brokerjobs.topology import DEFAULT_EXCHANGE
@@ -73,23 +75,22 @@ class Settler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._removals: list[int] = []  # acked in finish(), after the whole scan
         self._report = report
-        # The copies sent back to work, by job id: their replay count (see came_back).
-        self._copies: dict[str, int] = {}
+        # Marks this scan's copies (see came_back), carried through retries and parking.
+        self._scan = uuid.uuid4().hex
 
     def came_back(self, job: ParkedJob) -> bool:
         """Whether ``job`` is one of this scan's own replays, parked again before the scan
-        ended: its id and at least its replay count. Two parked jobs may share an id (a job
-        duplicated by a crash, a producer that reuses ids; the broker's dead letters of jobs
-        published without one all read as the id ""): the original of each is not a copy."""
-        replays = self._copies.get(job.job_id)
-        return replays is not None and job.replays >= replays
+        ended. Told by a mark, not by the id: two parked jobs may share one (a job duplicated
+        by a crash, a producer that reuses ids; the broker's dead letters of jobs published
+        without one all read as the id ""), and each original goes back."""
+        return job.delivery.headers.get(wire.REPLAY_SCAN) == self._scan
 
     async def settle(self, delivery: Delivery, job: ParkedJob, verdict: Verdict) -> None:
         if verdict is Verdict.REMOVE:
             self._removals.append(delivery.delivery_tag)
         elif verdict is Verdict.REPLAY:
             message = replay_message(job)
-            self._copies[message.message_id] = header_int(message.headers, REPLAYS, 0)
+            message.headers[wire.REPLAY_SCAN] = self._scan
             await self._slots.acquire()
             task = asyncio.create_task(self._replay(delivery, job, message))
             self._tasks.add(task)

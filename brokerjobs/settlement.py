@@ -72,20 +72,23 @@ class Settlement:
     async def _park(
         self, delivery: Delivery, failure: Failure, decision: Park, attempt: int
     ) -> None:
-        """Publish the parking copy, then ack; a copy too large goes without its traceback, and
-        if even that cannot be sent the delivery is rejected as it is (dead-lettered to the
-        parking queue by the broker) instead of failing to settle on every redelivery."""
+        """Publish the parking copy, then ack. A copy too large for one frame goes without its
+        traceback, then without the producer's headers (their names kept); only if even that
+        cannot be sent is the delivery rejected as it is, for the broker to dead-letter (at
+        most once, with a producer's x-death as it is) instead of failing on every redelivery."""
         message = parked_message(delivery, self.queue, failure, decision, attempt)
         if not await self._parked(message):
-            had_traceback = message.headers.pop(wire.ERROR_TRACEBACK, None) is not None
-            if not (had_traceback and await self._parked(message)):
-                log.error(
-                    "job %s: its parking copy cannot be sent (%s); rejected as it is",
-                    delivery.message_id,
-                    decision.reason,
-                )
-                await self.reject(delivery)
-                return
+            message.headers.pop(wire.ERROR_TRACEBACK, None)
+            if not await self._parked(message):
+                message.headers = _own_headers(message.headers)
+                if not await self._parked(message):
+                    log.error(
+                        "job %s: its parking copy cannot be sent (%s); rejected as it is",
+                        delivery.message_id,
+                        decision.reason,
+                    )
+                    await self.reject(delivery)
+                    return
         await self._channel.ack(delivery.delivery_tag)
 
     async def _parked(self, message: OutgoingMessage) -> bool:
@@ -154,6 +157,25 @@ def _failure_headers(headers: dict[str, Any], failure: Failure) -> None:
     headers[wire.ERROR_TYPE] = failure.error_type or failure.kind.value
     headers[wire.ERROR_MESSAGE] = failure.reason[:MAX_ERROR_CHARS]
     headers[wire.WORKER] = process_identity()
+
+
+# What a parking copy keeps when the producer's headers do not fit: the failure envelope.
+_ENVELOPE = frozenset(
+    {
+        wire.ATTEMPT, wire.REPLAYS, wire.ORIGIN_EXCHANGE, wire.ORIGIN_ROUTING_KEY,
+        wire.ORIGIN_QUEUE, wire.ERROR_TYPE, wire.ERROR_MESSAGE, wire.PARK_REASON,
+        wire.FIRST_FAILED_AT, wire.LAST_FAILED_AT, wire.PARKED_AT, wire.WORKER, wire.TRACE_ID,
+    }
+)  # fmt: skip
+
+
+def _own_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """The failure envelope alone (each value cut short), and which headers were dropped."""
+    kept = {k: v[:MAX_ERROR_CHARS] if isinstance(v, str) else v for k, v in headers.items()
+            if k in _ENVELOPE and isinstance(v, str | int)}  # fmt: skip
+    dropped = ", ".join(sorted(k for k in headers if k not in kept))
+    kept[wire.DROPPED_HEADERS] = dropped[:MAX_ERROR_CHARS]
+    return kept
 
 
 def _traceback(exc: BaseException) -> str:

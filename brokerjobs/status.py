@@ -49,6 +49,7 @@ class JobStatus(BaseModel):
     message: str | None = None
     result: Any = None
     error: str | None = None
+    skipped: bool = False  # completed without running (SkipJob): ``message`` says why
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -56,7 +57,10 @@ class JobStatus(BaseModel):
         return self.state in FINAL_STATES
 
     def supersedes(self, other: JobStatus) -> bool:
-        """Events can arrive out of order: later replays, attempts and states win."""
+        """Events can arrive out of order: later replays, attempts and states win; a skip (a
+        duplicate of a job already done, say) never replaces a final state."""
+        if self.skipped and other.final:
+            return False
         mine = (self.replays, self.attempt, _RANK[self.state], self.at)
         return mine >= (other.replays, other.attempt, _RANK[other.state], other.at)
 
@@ -147,6 +151,11 @@ class StatusReporter:
         except PydanticSerializationError:
             jsonable = repr(result)
         await self._emitter.emit(self._final("completed", result=jsonable, progress=100.0))
+
+    async def skipped(self, reason: str) -> None:
+        await self._emitter.emit(
+            self._final("completed", skipped=True, message=reason, progress=100.0)
+        )
 
     async def failed(self, state: Literal["retried", "parked"], error: str) -> None:
         await self._emitter.emit(self._final(state, error=error))

@@ -23,7 +23,10 @@ class StatusEvents(Middleware):
         # Before the ack, as always: a crash between the two repeats the event, never loses it.
         self._unbind(run)
         reporter: StatusReporter = run.state[self][0]
-        await reporter.completed(run.result)
+        if run.skipped is None:
+            await reporter.completed(run.result)
+        else:
+            await reporter.skipped(run.skipped)
 
     async def after_failure(self, run: JobRun) -> None:
         self._unbind(run)

@@ -57,7 +57,7 @@ class JobOutcome:
     at: float  # virtual seconds since the broker started
     delivery: Delivery = field(repr=False, compare=False)
     retry_delay: float | None = None  # the tier a retried job waits in
-    reason: str | None = None  # the failure (retried) or the park reason (parked)
+    reason: str | None = None  # the failure (retried), the park reason (parked), why skipped
 
 
 class _Recorder(Middleware):

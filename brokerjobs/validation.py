@@ -116,7 +116,11 @@ def _depth_exceeds(brackets: bytes, limit: int) -> bool:
 
 # Control characters (a terminal runs ESC sequences), line and bidi controls, and the lone
 # surrogates that stand for bytes that are not UTF-8: printed escaped, never as they are.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# Control characters, line and paragraph separators, bidi controls and marks, zero-width
+# characters, and the surrogates a non-UTF-8 byte decodes to.
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -280,3 +280,79 @@ async def test_status_events_reach_the_tracker(env: Env) -> None:
         status = await tracker.get(job_id)
         assert status is not None
         assert (status.state, status.result, status.attempt) == ("completed", 40, 1)
+
+
+class Layer(Middleware):
+    """Records which points of one delivery reached it."""
+
+    def __init__(self, name: str, seen: list[str], answer: Exception | None = None) -> None:
+        self.name, self.seen, self.answer = name, seen, answer
+
+    async def before_handler(self, run: JobRun) -> None:
+        self.seen.append(f"{self.name}.before")
+        if self.answer is not None:
+            raise self.answer
+
+    async def after_success(self, run: JobRun) -> None:
+        self.seen.append(f"{self.name}.success")
+
+    async def after_failure(self, run: JobRun) -> None:
+        self.seen.append(f"{self.name}.failure")
+
+    async def after_settle(self, run: JobRun) -> None:
+        self.seen.append(f"{self.name}.settle")
+
+
+@pytest.mark.parametrize("answer", [SkipJob("duplicate"), PermanentFailure("refused")])
+async def test_layers_after_the_answering_one_never_see_the_job_but_all_see_it_settle(
+    env: Env, answer: Exception
+) -> None:
+    seen: list[str] = []
+    outer, gate, inner = Layer("outer", seen), Layer("gate", seen, answer), Layer("inner", seen)
+    app = App(unique("layers"), middleware=[outer, gate, inner])
+    ran: list[int] = []
+
+    @app.handler(Step)
+    async def handle(step: Step) -> None:
+        ran.append(step.n)
+
+    async with running(worker_for(app, env), env), publisher_for(app, env) as publisher:
+        await publisher.publish(Step(n=1))
+        await env.until(lambda: "outer.settle" in seen)
+
+    after = "success" if isinstance(answer, SkipJob) else "failure"
+    assert ran == []
+    assert seen == ["outer.before", "gate.before", f"gate.{after}", f"outer.{after}",
+                    "inner.settle", "gate.settle", "outer.settle"]  # fmt: skip
+
+
+async def test_a_skipped_duplicate_leaves_the_tracked_result_of_the_job_it_duplicates(
+    env: Env,
+) -> None:
+    gate, seen = Gate(), list[str]()
+    app = App(unique("skipstatus"), track_status=True, middleware=[Layer("outer", seen), gate])
+
+    @app.handler(Step)
+    async def handle(step: Step) -> int:
+        return step.n * 10
+
+    tracker = StatusTracker(env.settings, exchange=app.exchange, broker=env.broker)
+    async with running(worker_for(app, env), env), tracker, publisher_for(app, env) as publisher:
+        job_id = await publisher.publish(Step(n=4))
+        await env.until(lambda: job_id in gate.done)
+        await publisher.publish(Step(n=4), job_id=job_id)  # skipped by the gate
+        await env.until(lambda: seen.count("outer.settle") == 2)
+        # Emitted after the duplicate's event, on the same channel: once it is in, so is that.
+        skipped = "never-done-" + job_id
+        gate.done.add(skipped)  # a job the gate skips with no earlier completion
+        await publisher.publish(Step(n=5), job_id=skipped)
+
+        async def skip_seen() -> bool:
+            status = await tracker.get(skipped)
+            return status is not None and status.final
+
+        await env.until(skip_seen)
+        kept, only_skipped = await tracker.get(job_id), await tracker.get(skipped)
+    assert kept is not None and (kept.state, kept.result, kept.skipped) == ("completed", 40, False)
+    assert only_skipped is not None and only_skipped.skipped and only_skipped.result is None
+    assert only_skipped.message == "a duplicate of a job already done"

@@ -1,6 +1,6 @@
 """A job whose headers nearly fill one frame arrives fine, but its retry or parking copy (the
-same headers plus the failure envelope) does not fit: it must still end parked, once, without
-the worker opening session after session to settle it again."""
+same headers plus the failure envelope) does not fit: it must still end parked, once, with its
+reason, without the worker opening session after session to settle it again."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import pytest
 from pydantic import BaseModel
 
-from brokerjobs import App, RetryPolicy, job
+from brokerjobs import App, JobRun, Middleware, Park, RetryPolicy, job
 from brokerjobs import envelope as wire
 from brokerjobs.broker.amqp.properties import MAX_PROPERTIES_BYTES
 from brokerjobs.envelope import Delivery, OutgoingMessage, new_job_id
@@ -28,11 +28,25 @@ def padded(body: bytes, room: int) -> OutgoingMessage:
     return OutgoingMessage(body, new_job_id(), JOB, 0, {"pad": "x" * (MAX_PROPERTIES_BYTES - room)})
 
 
+class Decisions(Middleware):
+    """What ``run.decision`` says once the delivery is settled."""
+
+    def __init__(self) -> None:
+        self.final: list[object] = []
+
+    async def after_settle(self, run: JobRun) -> None:
+        if run.decision is not None:
+            self.final.append(run.decision)
+
+
 async def park_one(
-    broker: Broker, message: OutgoingMessage, caplog: pytest.LogCaptureFixture
+    broker: Broker,
+    message: OutgoingMessage,
+    caplog: pytest.LogCaptureFixture,
+    decisions: Decisions | None = None,
 ) -> Delivery:
     caplog.set_level(logging.INFO, logger="brokerjobs")
-    app = App(unique("bulky"))
+    app = App(unique("bulky"), middleware=[decisions] if decisions else [])
     handled: list[Bulky] = []
     queue = app.queue(f"{app.name}.q", "bulky.*")
 
@@ -54,24 +68,28 @@ async def park_one(
     assert not [r for r in caplog.records if "reconnecting" in r.getMessage()]
     [parked] = await broker.drain(f"{queue.name}.parked")
     assert parked.message_id == message.message_id and parked.body == message.body
-    assert parked.headers["pad"] == message.headers["pad"]
+    assert "x-death" not in parked.headers  # our own confirmed copy, not a broker dead letter
     return parked
 
 
-async def test_a_poison_job_whose_parking_copy_cannot_fit_is_dead_lettered_as_it_is(
+async def test_a_poison_job_whose_parking_copy_cannot_fit_is_parked_without_its_headers(
     broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
     parked = await park_one(broker, padded(b"not json", room=150), caplog)
-    assert wire.PARK_REASON not in parked.headers  # the broker's copy: only x-death says why
-    assert parked.headers["x-death"][0]["reason"] == "rejected"
+    assert "malformed JSON" in str(parked.headers[wire.PARK_REASON])
+    assert "pad" not in parked.headers and "pad" in str(parked.headers[wire.DROPPED_HEADERS])
+    assert parked.headers[wire.ORIGIN_QUEUE]
 
 
 async def test_a_failing_job_whose_retry_copy_cannot_fit_is_parked_instead(
     broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    parked = await park_one(broker, padded(b'{"fail": true}', room=150), caplog)
-    assert parked.headers["x-death"][0]["reason"] == "rejected"
-    assert any("retry copy cannot be sent" in r.getMessage() for r in caplog.records)
+    decisions = Decisions()
+    parked = await park_one(broker, padded(b'{"fail": true}', room=150), caplog, decisions)
+    assert "retry copy cannot be sent" in str(parked.headers[wire.PARK_REASON])
+    assert "pad" in str(parked.headers[wire.DROPPED_HEADERS])
+    # run.decision says what was carried out: parked, not the retry first decided.
+    assert [type(d) for d in decisions.final] == [Park]
 
 
 async def test_a_parking_copy_too_large_with_its_traceback_is_parked_without_it(
@@ -82,4 +100,4 @@ async def test_a_parking_copy_too_large_with_its_traceback_is_parked_without_it(
     parked = await park_one(broker, message, caplog)
     assert "e" * 100 in str(parked.headers[wire.PARK_REASON])
     assert wire.ERROR_TRACEBACK not in parked.headers
-    assert "x-death" not in parked.headers
+    assert parked.headers["pad"] == message.headers["pad"]  # the headers fit without it

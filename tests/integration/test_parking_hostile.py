@@ -48,6 +48,11 @@ async def parked_queue(broker: Broker, messages: list[tuple[bytes, Blob]]) -> st
     queue = app.queue(f"{app.name}.q", "x.*").name
     broker.track(app)
     await declare(broker.connection, app.topology())
+    await park_raw(broker, queue, messages)
+    return queue
+
+
+async def park_raw(broker: Broker, queue: str, messages: list[tuple[bytes, Blob]]) -> None:
     connection = await aiormq.connect(TEST_URL)
     try:
         channel = await connection.channel()
@@ -57,7 +62,6 @@ async def parked_queue(broker: Broker, messages: list[tuple[bytes, Blob]]) -> st
     finally:
         await connection.close()
     await wait_for(lambda: broker.depth_is(f"{queue}.parked", len(messages)))
-    return queue
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -84,6 +88,46 @@ async def test_replay_sends_back_every_job_without_an_id_or_with_a_shared_one(
     replayed = await broker.drain(queue)
     assert sorted(d.body for d in replayed) == sorted(body for body, _ in messages)
     assert await broker.depth(f"{queue}.parked") == 0
+
+
+async def test_replay_sends_back_jobs_sharing_an_id_whatever_their_replay_counts(
+    broker: Broker,
+) -> None:
+    # One job duplicated by a crash, one copy of it replayed (and parked again) before.
+    replayed_once = raw.table([("bj-replays", raw.field_int64(1))])
+    messages = [(b"first", properties(b"same")), (b"second", properties(b"same", replayed_once))]
+    queue = await parked_queue(broker, messages)
+    async with ParkingLot(make_settings(), queue) as lot:
+        report = await lot.replay()
+    assert (report.replayed, report.kept, report.failed) == (2, 0, [])
+    assert sorted(d.body for d in await broker.drain(queue)) == [b"first", b"second"]
+
+
+async def test_import_skips_as_many_records_of_an_id_as_are_parked_and_no_more(
+    broker: Broker, tmp_path: Path
+) -> None:
+    # Two jobs sharing an id, one without: exported, the queue keeps them all, one goes.
+    one, two, no_id = (
+        (b"one", properties(b"same")),
+        (b"two", properties(b"same")),
+        (b"no id", properties(None)),
+    )
+    queue = await parked_queue(broker, [one, two, no_id])
+    path = tmp_path / "parked.jsonl"
+    async with ParkingLot(make_settings(), queue) as lot:
+        await lot.export(path)
+        again = await lot.import_(path)  # nothing was purged: every record is still parked
+        assert again.published == [] and len(again.skipped) == 3
+        kept = await broker.drain(f"{queue}.parked")
+        assert sorted(d.body for d in kept) == [b"no id", b"one", b"two"]
+        await park_raw(broker, queue, [one, no_id])
+        refill = await lot.import_(path)  # as after an import that stopped after two records
+    assert len(refill.published) == 1 and len(refill.skipped) == 2
+    assert sorted(d.body for d in await broker.drain(f"{queue}.parked")) == [
+        b"no id",
+        b"one",
+        b"two",
+    ]
 
 
 async def test_importing_a_record_without_an_id_twice_parks_it_once(
