@@ -94,6 +94,12 @@ class Settings(BaseModel):
         urls = _split_urls(value.get_secret_value())
         if not urls:
             raise ValueError("BROKERJOBS_URL is empty")
+        if len(urls) > 1 and not all("://" in u for u in urls):
+            # Most likely a ',' in a password cut the URL in two: echo no part of it.
+            raise ValueError(
+                "BROKERJOBS_URL lists nodes separated by ',' and one part does not start with "
+                "amqp:// or amqps://: percent-encode a ',' in a user or password as %2C"
+            )
         for raw in urls:
             _check_one_url(raw)
         if len({urlsplit(u).scheme for u in urls}) > 1:
@@ -167,7 +173,13 @@ class Settings(BaseModel):
 def _check_one_url(raw: str) -> None:
     # Never echo a URL that did not parse: its password may sit where no redaction looks.
     host = raw.rpartition("@")[2] if "@" in raw else raw.partition("://")[2]
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # its message quotes the netloc, password included
+        raise ValueError(
+            "BROKERJOBS_URL does not parse: '[' or ']' outside an IPv6 host; percent-encode "
+            "them in a user or password (as %5B and %5D)"
+        ) from None
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"BROKERJOBS_URL must start with amqp:// or amqps:// (host part {host!r})")
     if "@" in parts.path + parts.query + parts.fragment or parts.fragment:
@@ -178,11 +190,22 @@ def _check_one_url(raw: str) -> None:
     if not parts.hostname:
         raise ValueError(f"BROKERJOBS_URL has no host (host part {host!r})")
     try:
-        parts.port  # noqa: B018 - parsing is the check
+        raw.encode()  # bytes that are not UTF-8 (surrogates here) are dropped by yarl, silently
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            f"BROKERJOBS_URL is not valid UTF-8 or its host is no host name (host part {host!r}): "
+            "percent-encode other bytes of a user or password; each part of a host name is "
+            "1 to 63 characters"
+        ) from None
+    try:
+        port = parts.port
     except ValueError:
+        port = 0
+    if port == 0:  # aio-pika would quietly take port 0 for the default, 5672
         raise ValueError(
             f"BROKERJOBS_URL has an invalid port in {host!r}: give a number from 1 to 65535"
-        ) from None
+        )
 
 
 def _split_urls(value: str) -> list[str]:
