@@ -75,7 +75,8 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     health_port: Annotated[int, Field(ge=0, le=65535)] | None = None
-    health_host: str = "0.0.0.0"  # probes come from the kubelet, not from this host
+    # Loopback unless asked: Kubernetes httpGet probes need "0.0.0.0" (deploy/k8s sets it).
+    health_host: str = "127.0.0.1"
 
     @model_validator(mode="before")
     @classmethod

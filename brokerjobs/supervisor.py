@@ -80,7 +80,7 @@ class Supervisor:
     async def run(self) -> int:
         health = HealthServer(lambda: self.ready, self.details)
         if self.settings.health_port is not None:
-            await health.start(self.settings.health_port)
+            await health.start(self.settings.health_port, self.settings.health_host)
             self.health_port = health.port
         tasks = [asyncio.create_task(self._keep_running(child)) for child in self._children]
         prober = asyncio.create_task(self._probe_children())
