@@ -27,7 +27,13 @@ from brokerjobs.broker.base import Broker, MessageChannel
 from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int, new_job_id
-from brokerjobs.errors import BrokerUnreachable, ConnectionLost, UnroutableJob
+from brokerjobs.errors import (
+    BrokerJobsError,
+    BrokerUnreachable,
+    ConnectionLost,
+    TopologyError,
+    UnroutableJob,
+)
 from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings
 from brokerjobs.topology import status_exchange_name
@@ -35,6 +41,7 @@ from brokerjobs.topology import status_exchange_name
 log = logging.getLogger("brokerjobs.status")
 
 State = Literal["waiting", "active", "retried", "completed", "parked"]
+REBIND_INTERVAL_S = 10.0
 FINAL_STATES = frozenset({"completed", "parked"})
 _RANK = {"waiting": 0, "active": 1, "retried": 2, "completed": 3, "parked": 3}
 
@@ -95,6 +102,8 @@ class StatusEmitter:
             pass  # nobody is tracking this job type: fine
         except ConnectionLost as exc:
             log.debug("status event for %s lost: %s", status.job_id, exc)
+        except BrokerJobsError as exc:  # the exchange deleted, a nack: best effort, but said
+            log.warning("status event for %s lost: %s", status.job_id, exc)
 
     def emit_soon(self, status: JobStatus) -> None:
         task = asyncio.get_running_loop().create_task(self.emit(status))
@@ -187,6 +196,7 @@ class MemoryStatusStore:
 class _Subscription:
     connection: Connection
     channel: Channel
+    queue: str
 
 
 def _report_end(task: asyncio.Task[None]) -> None:
@@ -210,12 +220,16 @@ class StatusTracker:
         store: StatusStore | None = None,
         patterns: tuple[str, ...] = ("#",),
         broker: Broker | None = None,
+        rebind_interval: float = REBIND_INTERVAL_S,
     ) -> None:
+        """``rebind_interval``: seconds between re-declaring the status exchange and the
+        subscription's bindings, which deleting the exchange removes without telling anyone."""
         self.settings = settings
         self.broker = broker or default_broker(settings)
         self.exchange = exchange
         self.store: StatusStore = store or MemoryStatusStore()
         self._patterns = patterns
+        self._rebind_interval = rebind_interval
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._sessions: SessionSupervisor[_Subscription] = SessionSupervisor(
@@ -263,14 +277,17 @@ class StatusTracker:
 
     async def open_session(self, connection: Connection) -> _Subscription:
         channel = await connection.channel(confirms=False, prefetch=1000)
-        exchange = status_exchange_name(self.exchange)
-        await channel.declare_exchange(exchange, "topic")
         queue = await channel.declare_private_queue()
-        for pattern in self._patterns:
-            await channel.bind(queue, exchange, pattern)
+        await self._bind(channel, queue)
         await channel.consume(queue, self._on_event, no_ack=True)
         self.ready.set()
-        return _Subscription(connection, channel)
+        return _Subscription(connection, channel, queue)
+
+    async def _bind(self, channel: Channel, queue: str) -> None:
+        exchange = status_exchange_name(self.exchange)
+        await channel.declare_exchange(exchange, "topic")
+        for pattern in self._patterns:
+            await channel.bind(queue, exchange, pattern)
 
     async def serve_session(self, session: _Subscription, stop: asyncio.Event) -> str | None:
         stopping = asyncio.ensure_future(stop.wait())
@@ -279,8 +296,13 @@ class StatusTracker:
             session.connection.lost,
             session.channel.closing,
         }
-        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
+        try:
+            while not (await asyncio.wait(watched, timeout=self._rebind_interval))[0]:
+                await self._bind(session.channel, session.queue)
+        except (ConnectionLost, TopologyError) as exc:
+            return f"status tracker could not renew its subscription ({exc}); resubscribing"
+        finally:
+            stopping.cancel()
         return None if stop.is_set() else "status tracker lost its subscription; resubscribing"
 
     async def close_session(self, session: _Subscription, *, stopping: bool) -> None:
