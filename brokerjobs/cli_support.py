@@ -65,7 +65,10 @@ class Duration(click.ParamType[timedelta, str]):
         match = _DURATION.match(str(value).strip())
         if not match:
             self.fail(f"{value!r} is not a duration like 30s, 10m, 2h or 7d", param, ctx)
-        return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+        try:
+            return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+        except OverflowError:
+            self.fail(f"{value!r} is longer than timedelta's 999999999 days", param, ctx)
 
 
 class Regex(click.ParamType[re.Pattern[str], str]):

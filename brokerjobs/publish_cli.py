@@ -64,9 +64,17 @@ def validate(spec: JobSpec, payloads: Iterable[Payload]) -> list[BaseModel]:
     jobs: list[BaseModel] = []
     for payload in payloads:
         try:
-            jobs.append(spec.model.model_validate_json(payload.text))
+            job = spec.model.model_validate_json(payload.text)
         except ValidationError as exc:
             raise InvalidPayload(f"{payload.where}: {_problems(spec, exc)}") from None
+        try:  # what the worker will validate: NaN and Infinity, for one, go out as null
+            spec.model.model_validate_json(job.__pydantic_serializer__.to_json(job))
+        except ValidationError as exc:
+            raise InvalidPayload(
+                f"{payload.where}: valid, but not once sent as JSON (NaN or Infinity become "
+                f"null), so every worker would park it: {_problems(spec, exc)}"
+            ) from None
+        jobs.append(job)
     if not jobs:
         raise InvalidPayload("no payload given")
     return jobs

@@ -8,6 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 from brokerjobs import App, job
+from brokerjobs.cli_support import CliError, duration
 from brokerjobs.publish_cli import (
     InvalidPayload,
     Payload,
@@ -68,3 +69,28 @@ def test_a_file_is_one_document_or_json_lines(tmp_path: Path) -> None:
     assert validate(spec, payloads_from_file(lines)) == [SendEmail(to="a"), SendEmail(to="b")]
     with pytest.raises(InvalidPayload, match="cannot read"):
         payloads_from_file(tmp_path / "absent.json")
+
+
+@job("reading.record")
+class Reading(BaseModel):
+    value: float
+
+
+def test_a_payload_that_would_not_survive_the_wire_is_refused() -> None:
+    shop = App("meters")
+
+    @shop.handler(Reading)
+    async def record(_: Reading) -> None:
+        pass
+
+    spec = find_job(shop, "reading.record")
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(InvalidPayload, match="not once sent as JSON"):
+            validate(spec, [Payload("the JSON argument", f'{{"value": {literal}}}')])
+    assert validate(spec, [Payload("the JSON argument", '{"value": 1e308}')])
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "1" * 400 + "s"])
+def test_a_delay_too_long_for_timedelta_is_a_usage_error(text: str) -> None:
+    with pytest.raises(CliError, match="longer than"):
+        duration(text)
