@@ -133,8 +133,11 @@ def debugging() -> bool:
 def load_app(path: str) -> App:
     """Import ``module:attribute`` and check that it is an App; errors say how to fix it."""
     module_name, _, attribute = path.partition(":")
-    if not module_name or not attribute:
-        raise BrokerJobsError(f"expected MODULE:APP (e.g. myservice.jobs:app), got {path!r}")
+    if not module_name or not attribute or module_name.startswith("."):
+        raise BrokerJobsError(
+            f"expected MODULE:APP with an absolute module name (e.g. myservice.jobs:app, "
+            f"not a path), got {path!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

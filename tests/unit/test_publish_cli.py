@@ -8,7 +8,8 @@ import pytest
 from pydantic import BaseModel
 
 from brokerjobs import App, job
-from brokerjobs.cli_support import CliError, duration
+from brokerjobs.cli_support import CliError, duration, load_app
+from brokerjobs.errors import BrokerJobsError
 from brokerjobs.publish_cli import (
     InvalidPayload,
     Payload,
@@ -94,3 +95,9 @@ def test_a_payload_that_would_not_survive_the_wire_is_refused() -> None:
 def test_a_delay_too_long_for_timedelta_is_a_usage_error(text: str) -> None:
     with pytest.raises(CliError, match="longer than"):
         duration(text)
+
+
+@pytest.mark.parametrize("path", ["../shop/jobs:app", ".jobs:app", "shop.jobs:", ":app"])
+def test_an_app_path_that_is_no_module_name_says_so(path: str) -> None:
+    with pytest.raises(BrokerJobsError, match="expected MODULE:APP"):
+        load_app(path)
