@@ -35,7 +35,8 @@ DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # RabbitMQ default consumer_timeout (3.8.17+): a delivery unacked longer closes the channel.
 BROKER_CONSUMER_TIMEOUT_DEFAULT_S = 1800.0
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+# Finite: an infinite grace or timeout is a drain, publish or connect that may never end.
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class Settings(BaseModel):
@@ -111,7 +112,11 @@ class Settings(BaseModel):
     def _check_tls_files(self) -> Settings:
         for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
             path = getattr(self, name)
-            if path is not None and not path.is_file():
+            try:
+                missing = path is not None and not path.is_file()
+            except OSError:  # a name too long for the file system, say
+                missing = True
+            if missing:
                 raise ValueError(f"BROKERJOBS_{name.upper()} {str(path)!r} is not a readable file")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(

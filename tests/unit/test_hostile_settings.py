@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from urllib.parse import urlsplit
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from brokerjobs import ConfigError
 from brokerjobs.redact import redact_url
-from brokerjobs.settings import load_settings
+from brokerjobs.settings import Settings, load_settings
 
 SECRET = "Zq9SECRETpw"
 _URL_CHARS = st.sampled_from(list("@:/%?#[]. ,a1\\\t\n\x00\udcffé"))
@@ -63,3 +64,28 @@ def test_a_url_that_would_fail_later_or_silently_is_refused_at_load(url: str, sa
 
 def test_an_ipv6_node_keeps_its_brackets_when_redacted() -> None:
     assert redact_url(f"amqp://u:{SECRET}@[::1]:5672/") == "amqp://u:***@[::1]:5672/"
+
+
+_ODD_VALUES = st.sampled_from(
+    ["nan", "inf", "-inf", "INF", "1e309", "-0", "0x10", "1_000", "٣", " 5 ", "1e-400", "9" * 5000]
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    field=st.sampled_from(sorted(Settings.model_fields)),
+    value=st.text(max_size=30).map(lambda v: v.replace("\x00", "")) | _ODD_VALUES,
+)
+def test_any_environment_value_is_a_config_error_or_a_finite_setting(
+    field: str, value: str
+) -> None:
+    with pytest.MonkeyPatch.context() as env:
+        for name in Settings.model_fields:
+            env.delenv(f"BROKERJOBS_{name.upper()}", raising=False)
+        env.setenv(f"BROKERJOBS_{field.upper()}", value)
+        try:
+            loaded = load_settings()
+        except ConfigError:
+            return
+    setting = getattr(loaded, field)
+    assert not isinstance(setting, float) or math.isfinite(setting)
