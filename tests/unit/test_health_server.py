@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -101,3 +103,18 @@ def test_garbage_gets_an_answer_or_a_close_and_the_server_keeps_answering(garbag
             assert ok.startswith(b"HTTP/1.0 200")
 
     asyncio.run(scenario())
+
+
+async def test_the_health_command_probes_the_address_the_worker_listens_on() -> None:
+    server = HealthServer(lambda: True, lambda: {})
+    await server.start(0, "127.0.0.2")  # a loopback address that is not 127.0.0.1
+    try:
+        env = {**os.environ, "BROKERJOBS_HEALTH_HOST": "127.0.0.2"}
+        command = ["-m", "brokerjobs.cli", "health", "--port", str(server.port)]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *command, env=env, stdout=asyncio.subprocess.PIPE
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        await server.stop()
+    assert (process.returncode, output) == (0, b"/readyz: ok\n")
