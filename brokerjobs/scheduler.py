@@ -19,7 +19,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from brokerjobs.broker import default_broker
@@ -73,6 +73,9 @@ SCHEDULED_FOR = "bj-scheduled-for"
 SCHEDULE = "bj-schedule"
 TOKEN_PREFETCH = 10
 REFRESH_INTERVAL_S = 60.0
+# State further ahead of this instance's clock came from a clock that was ahead (it would hold
+# every schedule back, silently, until then); closer, it is instances' ordinary skew.
+CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
 # A failed publish or ack may have lost the token: reconnect, and whoever leads next retries.
 SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost)
 
@@ -225,6 +228,14 @@ class Scheduler:
         dirty = False
         for schedule in self.app.schedules:
             done = session.memory.get(schedule.name)
+            if done is not None and done > now + CLOCK_SKEW_TOLERANCE:
+                log.warning(
+                    "schedule %s: its state says done through %s, after now (%s): a clock was "
+                    "ahead; starting again from now",
+                    *(schedule.name, done.isoformat(), now.isoformat()),
+                    extra={"action": "clock_ahead", "schedule": schedule.name},
+                )
+                done = None
             if done is None:  # a new schedule starts with the first tick after now
                 session.memory[schedule.name] = at_or_before(schedule.rule, now)
                 dirty = True

@@ -4,7 +4,7 @@ its own ticks: the leader keeps its token and the other schedules keep firing.""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import BaseModel
@@ -86,3 +86,31 @@ async def test_a_refused_or_unencodable_schedule_does_not_stop_the_others(
     actions = {getattr(r, "action", None) for r in caplog.records}
     assert {"tick_refused", "tick_failed"} <= actions
     assert await broker.depth(f"{app.name}.schedfault.opaque") == 0
+
+
+async def test_state_left_by_a_leader_whose_clock_was_ahead_does_not_stop_the_schedules(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance with its clock a year ahead led once: its token says every tick up to next
+    year is done. Once it is gone, the others must fire again, not wait a year in silence."""
+    app = fault_app(broker)
+    app.schedule(lambda at: Beat(at=at), every=1, name="beat")
+    ahead = datetime.now(UTC) + timedelta(days=365)
+    skewed = Scheduler(app, make_settings(), clock=lambda: ahead)
+    task = asyncio.create_task(skewed.run())
+    try:
+        await wait_for(lambda: task.done() or "beat" in skewed.state, 10)
+    finally:
+        skewed.stop()
+        await asyncio.wait_for(task, 15)
+
+    scheduler = Scheduler(app, make_settings())
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await wait_for(lambda: task.done() or scheduler.published >= 2, 15)
+    finally:
+        scheduler.stop()
+        await asyncio.wait_for(task, 15)
+    assert "clock_ahead" in {getattr(r, "action", None) for r in caplog.records}
+    beats = await broker.drain(f"{app.name}.schedfault.beat")
+    assert all(tick_of(d) < ahead - timedelta(days=300) for d in beats)
