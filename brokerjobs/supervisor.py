@@ -116,6 +116,8 @@ class Supervisor:
             child.restarts += 1
 
     async def _start(self, child: _Child) -> None:
+        if child.exit_codes:  # a fresh port: the last may have been taken since it was chosen
+            child.health_port = _free_loopback_port()
         env = dict(os.environ)
         env["BROKERJOBS_HEALTH_PORT"] = str(child.health_port)
         env["BROKERJOBS_HEALTH_HOST"] = "127.0.0.1"
