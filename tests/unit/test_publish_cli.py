@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -18,6 +19,7 @@ from brokerjobs.publish_cli import (
     payloads_from_lines,
     validate,
 )
+from brokerjobs.settings import load_settings
 
 
 @job("email.send")
@@ -101,3 +103,26 @@ def test_a_delay_too_long_for_timedelta_is_a_usage_error(text: str) -> None:
 def test_an_app_path_that_is_no_module_name_says_so(path: str) -> None:
     with pytest.raises(BrokerJobsError, match="expected MODULE:APP"):
         load_app(path)
+
+
+@job("tree.store")
+class Tree(BaseModel):
+    node: Any
+
+
+def test_a_payload_beyond_the_workers_limits_is_refused_before_publishing() -> None:
+    shop = App("forest")
+
+    @shop.handler(Tree)
+    async def store(_: Tree) -> None:
+        pass
+
+    spec = find_job(shop, "tree.store")
+    limits = load_settings(max_body_bytes=1000, max_json_depth=10)
+    deep = Payload("line 1", '{"node": ' + "[" * 20 + "]" * 20 + "}")
+    with pytest.raises(InvalidPayload, match="deeper than 10 levels.*every worker would park"):
+        validate(spec, [deep], limits)
+    large = Payload("line 2", '{"node": "' + "x" * 2000 + '"}')
+    with pytest.raises(InvalidPayload, match="exceed BROKERJOBS_MAX_BODY_BYTES"):
+        validate(spec, [large], limits)
+    assert validate(spec, [deep, large])  # without limits: only the model
