@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,7 @@ DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 BROKER_CONSUMER_TIMEOUT_DEFAULT_S = 1800.0
 
 # Finite: an infinite grace or timeout is a drain, publish or connect that may never end.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
@@ -96,7 +98,7 @@ class Settings(BaseModel):
         urls = _split_urls(value.get_secret_value())
         if not urls:
             raise ValueError("BROKERJOBS_URL is empty")
-        if len(urls) > 1 and not all("://" in u for u in urls):
+        if len(urls) > 1 and not all(_SCHEME.match(u) for u in urls):
             # Most likely a ',' in a password cut the URL in two: echo no part of it.
             raise ValueError(
                 "BROKERJOBS_URL lists nodes separated by ',' and one part does not start with "
@@ -178,7 +180,7 @@ class Settings(BaseModel):
 
 def _check_one_url(raw: str) -> None:
     # Never echo a URL that did not parse: its password may sit where no redaction looks.
-    host = raw.rpartition("@")[2] if "@" in raw else raw.partition("://")[2]
+    host = raw.rpartition("@")[2] if "@" in raw else _mask_after_colon(raw.partition("://")[2])
     try:
         parts = urlsplit(raw)
     except ValueError:  # its message quotes the netloc, password included
@@ -212,6 +214,12 @@ def _check_one_url(raw: str) -> None:
         raise ValueError(
             f"BROKERJOBS_URL has an invalid port in {host!r}: give a number from 1 to 65535"
         )
+
+
+def _mask_after_colon(netloc: str) -> str:
+    """``user:password`` (a URL without ``@``) shown as ``user:***``."""
+    name, colon, _ = netloc.partition(":")
+    return f"{name}:***" if colon else netloc
 
 
 def _split_urls(value: str) -> list[str]:
