@@ -32,6 +32,7 @@ from brokerjobs.errors import (
     ConnectionLost,
     PublishError,
     PublishNacked,
+    TopologyError,
     UnencodableMessage,
     UnroutableJob,
 )
@@ -77,7 +78,8 @@ REFRESH_INTERVAL_S = 60.0
 # every schedule back, silently, until then); closer, it is instances' ordinary skew.
 CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
 # A failed publish or ack may have lost the token: reconnect, and whoever leads next retries.
-SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost)
+# TopologyError: the app's exchange was deleted under us; the next session declares it again.
+SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost, TopologyError)
 
 
 # -- the token: scheduler state in one message -----------------------------------------------

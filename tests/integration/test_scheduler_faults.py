@@ -114,3 +114,19 @@ async def test_state_left_by_a_leader_whose_clock_was_ahead_does_not_stop_the_sc
     assert "clock_ahead" in {getattr(r, "action", None) for r in caplog.records}
     beats = await broker.drain(f"{app.name}.schedfault.beat")
     assert all(tick_of(d) < ahead - timedelta(days=300) for d in beats)
+
+
+async def test_the_app_exchange_deleted_under_a_leader_is_declared_again(broker: Broker) -> None:
+    app = fault_app(broker)
+    app.schedule(lambda at: Beat(at=at), every=1, name="beat")
+    scheduler = Scheduler(app, make_settings())
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await wait_for(lambda: task.done() or scheduler.published >= 1, 15)
+        await (await broker.fresh_channel()).delete_exchange(app.exchange)
+        published = scheduler.published
+        await wait_for(lambda: task.done() or scheduler.published >= published + 2, 20)
+        assert not task.done(), task.exception()
+    finally:
+        scheduler.stop()
+        await asyncio.wait_for(task, 15)
