@@ -86,6 +86,11 @@ class Supervisor:
         prober = asyncio.create_task(self._probe_children())
         try:
             await self._stop.wait()
+            # The restart loops end first: one caught spawning a child would set child.process
+            # after _stop_child looked, and that worker would outlive the supervisor.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             codes = await asyncio.gather(*(self._stop_child(c) for c in self._children))
         finally:
             prober.cancel()

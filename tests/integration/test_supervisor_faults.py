@@ -1,10 +1,11 @@
-"""The ``--processes`` supervisor when a child cannot start: it is started again, never stuck."""
+"""The ``--processes`` supervisor when a child cannot start, or starts as it stops."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +41,43 @@ async def test_a_child_whose_health_port_was_taken_is_started_again_on_another(
             code = await asyncio.wait_for(task, 60)
     assert code == 0
     assert supervisor.details()["processes"][0]["restarts"] >= 1
+
+
+async def test_a_child_started_while_the_supervisor_stops_does_not_outlive_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window: stop() comes while a child is being spawned; _stop_child looks before the
+    spawn has returned, so it sees no process. That child must still be stopped."""
+    spawned: list[asyncio.subprocess.Process] = []
+    looked = asyncio.Event()
+    real_spawn, real_stop_child = asyncio.create_subprocess_exec, Supervisor._stop_child
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        process = await real_spawn(*args, **kwargs)
+        spawned.append(process)
+        try:
+            await looked.wait()  # the spawn returns only once _stop_child has looked
+        except asyncio.CancelledError:
+            process.kill()  # what asyncio does to a process whose spawn is cancelled
+            await process.wait()
+            raise
+        return process
+
+    async def stop_child(self: Supervisor, child: Any) -> int:
+        code = await real_stop_child(self, child)
+        looked.set()
+        return code
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)  # as supervisor calls it
+    monkeypatch.setattr(Supervisor, "_stop_child", stop_child)
+    supervisor = Supervisor("tests.support.sleepy_app:app", 1, make_settings(), [])
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await wait_for(lambda: bool(spawned), 10)
+        supervisor.stop()
+        await asyncio.wait_for(task, 30)
+        assert spawned[0].returncode is not None, "the child outlived its supervisor"
+    finally:
+        if spawned and spawned[0].returncode is None:
+            spawned[0].kill()
+            await spawned[0].wait()
