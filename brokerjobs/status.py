@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from asyncio import AbstractEventLoop
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,20 +107,16 @@ class StatusEmitter:
             log.warning("status event for %s lost: %s", status.job_id, exc)
 
     def emit_soon(self, status: JobStatus) -> None:
-        task = asyncio.get_running_loop().create_task(self.emit(status))
+        self.run_soon(lambda: self.emit(status))
+
+    def run_soon(self, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.get_running_loop().create_task(send())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     def bind_progress(self, base: JobStatus) -> object:
         """Route report_progress() calls of the current job to status events."""
-        loop = asyncio.get_running_loop()
-
-        def sink(percent: float, message: str) -> None:
-            event = base.model_copy(update={"progress": percent, "message": message or None})
-            event.at = datetime.now(UTC)
-            loop.call_soon_threadsafe(self.emit_soon, event)
-
-        return _progress_sink.set(sink)
+        return _progress_sink.set(_Progress(self, base, asyncio.get_running_loop()).offer)
 
     @staticmethod
     def unbind_progress(token: object) -> None:
@@ -127,6 +124,37 @@ class StatusEmitter:
 
     def reporter(self, delivery: Delivery, job: str) -> StatusReporter:
         return StatusReporter(self, delivery, job)
+
+
+class _Progress:
+    """One job's progress events: the newest value only, one publish at a time. A handler
+    reporting once per row of a 200,000-row file must not queue 200,000 publishes (minutes of
+    them, ahead of the job's final event and its ack)."""
+
+    def __init__(self, emitter: StatusEmitter, base: JobStatus, loop: AbstractEventLoop):
+        self._emitter, self._base, self._loop = emitter, base, loop
+        self._latest: tuple[float, str, datetime] | None = None
+        self._sending = False
+
+    def offer(self, percent: float, message: str) -> None:
+        """From the handler: its thread, or the loop."""
+        self._latest = (percent, message, datetime.now(UTC))  # replaces one not sent yet
+        if not self._sending:
+            self._sending = True
+            self._loop.call_soon_threadsafe(self._emitter.run_soon, self._send)
+
+    async def _send(self) -> None:
+        while True:
+            latest, self._latest = self._latest, None
+            if latest is None:
+                self._sending = False
+                if self._latest is None:  # else offered between the two looks: go on
+                    return
+                self._sending = True
+                continue
+            percent, message, at = latest
+            update = {"progress": percent, "message": message or None, "at": at}
+            await self._emitter.emit(self._base.model_copy(update=update))
 
 
 class StatusReporter:

@@ -11,7 +11,13 @@ from pydantic import BaseModel
 from brokerjobs import App, Publisher, job
 from brokerjobs.envelope import OutgoingMessage, new_job_id
 from brokerjobs.errors import UnroutableJob
-from brokerjobs.status import JobStatus, MemoryStatusStore, StatusEmitter, StatusTracker
+from brokerjobs.status import (
+    JobStatus,
+    MemoryStatusStore,
+    StatusEmitter,
+    StatusTracker,
+    report_progress,
+)
 from brokerjobs.topology import status_exchange_name
 from tests.support.broker import Broker, make_settings, running_worker, unique, wait_for
 
@@ -99,3 +105,37 @@ async def test_deleting_the_status_exchange_re_runs_no_job(broker: Broker) -> No
         await wait_for(lambda: len(runs) == 3 and worker.ready, 15)
         assert worker.reconnects == 0
     assert set(runs.values()) == {1}
+
+
+class Counting(MemoryStatusStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events = 0
+
+    async def put(self, status: JobStatus) -> None:
+        self.events += 1
+        await super().put(status)
+
+
+async def test_progress_reported_per_row_of_a_large_file_does_not_hold_the_job_up(
+    broker: Broker,
+) -> None:
+    """Each report was one publish, queued ahead of the final event and the ack: 200,000 of
+    them took minutes. Only the newest value not yet sent is kept."""
+    rows = 200_000
+    app = broker.track(App(unique("statusrows"), track_status=True))
+
+    @app.handler(Work)
+    def import_rows(work: Work) -> None:  # a plain function: in a thread, as real imports are
+        for row in range(work.n):
+            report_progress(100 * row / work.n, f"row {row}")
+
+    store = Counting()
+    tracking = StatusTracker(make_settings(), exchange=app.exchange, store=store)
+    async with tracking as tracker, running_worker(app):
+        job_id = new_job_id()
+        async with Publisher.for_app(app, make_settings()) as publisher:
+            await publisher.publish(Work(n=rows), job_id=job_id)
+        final = await tracker.wait(job_id, timeout=60)
+    assert final.state == "completed"
+    assert store.events < rows / 10
