@@ -89,12 +89,14 @@ async def test_the_memory_store_is_bounded_and_keeps_the_newest_jobs() -> None:
     "again, and the worker reconnects; the events need a channel of their own",
 )
 async def test_deleting_the_status_exchange_re_runs_no_job(broker: Broker) -> None:
-    app = broker.track(App(unique("statusdel"), track_status=True))
+    app = App(unique("statusdel"), track_status=True)
     runs: Counter[int] = Counter()
 
     @app.handler(Work)
     async def handle(work: Work) -> None:
         runs[work.n] += 1
+
+    broker.track(app)
 
     async with running_worker(app) as worker:
         channel = await broker.fresh_channel()
@@ -123,12 +125,14 @@ async def test_progress_reported_per_row_of_a_large_file_does_not_hold_the_job_u
     """Each report was one publish, queued ahead of the final event and the ack: 200,000 of
     them took minutes. Only the newest value not yet sent is kept."""
     rows = 200_000
-    app = broker.track(App(unique("statusrows"), track_status=True))
+    app = App(unique("statusrows"), track_status=True)
 
     @app.handler(Work)
     def import_rows(work: Work) -> None:  # a plain function: in a thread, as real imports are
         for row in range(work.n):
             report_progress(100 * row / work.n, f"row {row}")
+
+    broker.track(app)
 
     store = Counting()
     tracking = StatusTracker(make_settings(), exchange=app.exchange, store=store)
