@@ -65,7 +65,10 @@ class Duration(click.ParamType[timedelta, str]):
         match = _DURATION.match(str(value).strip())
         if not match:
             self.fail(f"{value!r} is not a duration like 30s, 10m, 2h or 7d", param, ctx)
-        return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+        try:
+            return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+        except OverflowError:
+            self.fail(f"{value!r} is longer than timedelta's 999999999 days", param, ctx)
 
 
 class Regex(click.ParamType[re.Pattern[str], str]):
@@ -130,8 +133,11 @@ def debugging() -> bool:
 def load_app(path: str) -> App:
     """Import ``module:attribute`` and check that it is an App; errors say how to fix it."""
     module_name, _, attribute = path.partition(":")
-    if not module_name or not attribute:
-        raise BrokerJobsError(f"expected MODULE:APP (e.g. myservice.jobs:app), got {path!r}")
+    if not module_name or not attribute or module_name.startswith("."):
+        raise BrokerJobsError(
+            f"expected MODULE:APP with an absolute module name (e.g. myservice.jobs:app, "
+            f"not a path), got {path!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -14,34 +14,62 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from brokerjobs.errors import ConfigError
+
 MAX_REQUEST_BYTES = 8192
+# Connections still sending their request; beyond this the oldest is dropped, so a flood of
+# idle connections can neither use up the worker's file descriptors nor lock a probe out.
+MAX_PENDING = 64
 
 
 class HealthServer:
-    def __init__(self, ready: Callable[[], bool], details: Callable[[], dict[str, Any]]):
+    def __init__(
+        self,
+        ready: Callable[[], bool],
+        details: Callable[[], dict[str, Any]],
+        request_timeout: float = 5.0,
+    ):
         self._ready = ready
         self._details = details
         self._server: asyncio.Server | None = None
         self._started = time.monotonic()
+        self._request_timeout = request_timeout
+        self._pending: dict[asyncio.StreamWriter, None] = {}  # oldest first
 
     @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def start(self, port: int, host: str = "0.0.0.0") -> None:
-        self._server = await asyncio.start_server(self._serve, host, port)
+    async def start(self, port: int, host: str = "127.0.0.1") -> None:
+        try:
+            self._server = await asyncio.start_server(self._serve, host, port)
+        except (OSError, UnicodeError) as exc:  # in use, not an address of this host, no name
+            raise ConfigError(
+                f"cannot serve health probes on {host!r} port {port} ({exc}): choose another "
+                "BROKERJOBS_HEALTH_PORT, or a BROKERJOBS_HEALTH_HOST of this host"
+            ) from None
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in self._pending:
+                writer.transport.abort()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.transport.abort()
+        self._pending[writer] = None
         try:
-            async with asyncio.timeout(5):
-                request = await reader.readuntil(b"\r\n\r\n")
+            try:
+                async with asyncio.timeout(self._request_timeout):
+                    request = await reader.readuntil(b"\r\n\r\n")
+            finally:
+                self._pending.pop(writer, None)
             path = request[:MAX_REQUEST_BYTES].split(b" ", 2)[1].decode("ascii", "replace")
             status, body = self._answer(path)
             writer.write(
@@ -50,7 +78,13 @@ class HealthServer:
                 + body
             )
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, IndexError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            IndexError,
+            ConnectionError,  # the client hung up (or reset) before its answer was out
+        ):
             pass
         finally:
             writer.close()

@@ -29,6 +29,7 @@ from brokerjobs.cli_support import (
 from brokerjobs.errors import BrokerJobsError
 from brokerjobs.jobs import JobSpec
 from brokerjobs.settings import Settings
+from brokerjobs.validation import json_limit_problem
 
 
 class InvalidPayload(BrokerJobsError):
@@ -59,17 +60,38 @@ def payloads_from_lines(lines: Iterable[str], source: str) -> list[Payload]:
     ]
 
 
-def validate(spec: JobSpec, payloads: Iterable[Payload]) -> list[BaseModel]:
-    """Every payload as the job's model, or InvalidPayload naming the place and the field."""
+def validate(
+    spec: JobSpec, payloads: Iterable[Payload], limits: Settings | None = None
+) -> list[BaseModel]:
+    """Every payload as the job's model, or InvalidPayload naming the place and the field;
+    with ``limits``, also within the body limits workers with those settings enforce."""
     jobs: list[BaseModel] = []
     for payload in payloads:
         try:
-            jobs.append(spec.model.model_validate_json(payload.text))
+            job = spec.model.model_validate_json(payload.text)
         except ValidationError as exc:
             raise InvalidPayload(f"{payload.where}: {_problems(spec, exc)}") from None
+        body = job.__pydantic_serializer__.to_json(job)
+        try:  # what the worker will validate: NaN and Infinity, for one, go out as null
+            spec.model.model_validate_json(body)
+        except ValidationError as exc:
+            raise InvalidPayload(
+                f"{payload.where}: valid, but not once sent as JSON (NaN or Infinity become "
+                f"null), so every worker would park it: {_problems(spec, exc)}"
+            ) from None
+        problem = _limit_problem(body, limits) if limits is not None else None
+        if problem:
+            raise InvalidPayload(f"{payload.where}: {problem}, so every worker would park it")
+        jobs.append(job)
     if not jobs:
         raise InvalidPayload("no payload given")
     return jobs
+
+
+def _limit_problem(body: bytes, limits: Settings) -> str | None:
+    if len(body) > limits.max_body_bytes:
+        return f"{len(body)} bytes exceed BROKERJOBS_MAX_BODY_BYTES ({limits.max_body_bytes})"
+    return json_limit_problem(body, limits.max_json_depth, limits.max_json_number_digits)
 
 
 def _problems(spec: JobSpec, exc: ValidationError) -> str:
@@ -180,7 +202,7 @@ async def _publish(
 ) -> int:
     app = load_app(path)
     try:
-        jobs = validate(find_job(app, name), read_payloads(*given))
+        jobs = validate(find_job(app, name), read_payloads(*given), settings)
         if delay is not None and not app.delay_levels:
             raise InvalidPayload(
                 f"app {app.name!r} has no delay levels: --delay needs App(..., delay_levels=N)"

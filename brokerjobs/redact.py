@@ -13,6 +13,8 @@ def redact_url(url: str) -> str:
             return url
         user = parts.username or ""
         host = parts.hostname or ""
+        if ":" in host:  # an IPv6 address keeps its brackets
+            host = f"[{host}]"
         if parts.port is not None:
             host = f"{host}:{parts.port}"
         return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -5,6 +5,7 @@ No I/O here: ``brokerjobs.scheduler`` holds the leader token and publishes what 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -37,6 +38,9 @@ ScheduleTarget: TypeAlias = BaseModel | Callable[[], BaseModel] | Callable[[date
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MIN_INTERVAL = timedelta(seconds=1)
+# Longer intervals or graces push tick arithmetic past the year 9999 (an OverflowError when the
+# scheduler computes the tick, not when the app is defined).
+MAX_PERIOD = timedelta(days=100 * 365)
 DEFAULT_GRACE = timedelta(seconds=30)
 MAX_CATCH_UP = 100  # jobs one schedule publishes at most in one catch-up
 
@@ -156,28 +160,48 @@ class Schedule:
 
 
 def _seconds(value: Interval, what: str) -> timedelta:
+    period = None
     if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    raise ConfigError(f"{what} must be seconds or a timedelta, got {value!r}")
+        period = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):  # NaN, infinities, 1e20
+            period = timedelta(seconds=value)
+    else:
+        raise ConfigError(f"{what} must be seconds or a timedelta, got {value!r}")
+    if period is None or period > MAX_PERIOD:
+        raise ConfigError(f"{what}={value!r} is not a number of seconds up to 100 years")
+    return period
 
 
 def _rule(cron: str | None, every: Interval | None) -> Every | Cron:
     if (cron is None) == (every is None):
         raise ConfigError("a schedule needs exactly one of cron='...' or every=<seconds>")
     if cron is not None:
-        if not isinstance(cron, str) or not _croniter().is_valid(cron):
+        # A 7th field (a year) is refused: a rule that stops firing fails at the first tick
+        # after its last one, long after start-up.
+        fields = len(cron.split()) if isinstance(cron, str) else 0
+        alias = isinstance(cron, str) and cron.startswith("@")  # @hourly, @daily, ...
+        if not (fields in (5, 6) or alias) or not _croniter().is_valid(cron):
             raise ConfigError(
                 f"invalid cron expression {cron!r}: use 5 fields 'minute hour day month "
                 "weekday' (UTC), e.g. '*/5 * * * *', or 6 with seconds last"
             )
-        return Cron(cron)
+        return _firing(Cron(cron))
     assert every is not None
     period = _seconds(every, "every")
     if period < MIN_INTERVAL:
         raise ConfigError(f"every={every!r} is below the minimum of 1 second")
     return Every(period)
+
+
+def _firing(rule: Cron) -> Cron:
+    try:
+        rule.next_after(datetime.now(UTC))
+    except Exception:  # croniter's CroniterBadDateError: no such date, e.g. 31 February
+        raise ConfigError(
+            f"cron expression {rule.expression!r} never fires (a day the month does not have?)"
+        ) from None
+    return rule
 
 
 def _factory(target: ScheduleTarget) -> tuple[Callable[[datetime], BaseModel], str]:

@@ -19,7 +19,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from brokerjobs.broker import default_broker
@@ -32,6 +32,8 @@ from brokerjobs.errors import (
     ConnectionLost,
     PublishError,
     PublishNacked,
+    TopologyError,
+    UnencodableMessage,
     UnroutableJob,
 )
 from brokerjobs.provision import declare
@@ -72,8 +74,12 @@ SCHEDULED_FOR = "bj-scheduled-for"
 SCHEDULE = "bj-schedule"
 TOKEN_PREFETCH = 10
 REFRESH_INTERVAL_S = 60.0
+# State further ahead of this instance's clock came from a clock that was ahead (it would hold
+# every schedule back, silently, until then); closer, it is instances' ordinary skew.
+CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
 # A failed publish or ack may have lost the token: reconnect, and whoever leads next retries.
-SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost)
+# TopologyError: the app's exchange was deleted under us; the next session declares it again.
+SESSION_ERRORS: tuple[type[BaseException], ...] = (PublishError, ConnectionLost, TopologyError)
 
 
 # -- the token: scheduler state in one message -----------------------------------------------
@@ -224,6 +230,14 @@ class Scheduler:
         dirty = False
         for schedule in self.app.schedules:
             done = session.memory.get(schedule.name)
+            if done is not None and done > now + CLOCK_SKEW_TOLERANCE:
+                log.warning(
+                    "schedule %s: its state says done through %s, after now (%s): a clock was "
+                    "ahead; starting again from now",
+                    *(schedule.name, done.isoformat(), now.isoformat()),
+                    extra={"action": "clock_ahead", "schedule": schedule.name},
+                )
+                done = None
             if done is None:  # a new schedule starts with the first tick after now
                 session.memory[schedule.name] = at_or_before(schedule.rule, now)
                 dirty = True
@@ -240,40 +254,54 @@ class Scheduler:
                     extra={"action": "ticks_skipped", "schedule": schedule.name},
                 )
             for tick in plan.ticks:
-                await self._publish_tick(session.channel, schedule, tick)
+                if not await self._publish_tick(session.channel, schedule, tick):
+                    break  # refused: the tick stays due, for the next wake
                 session.memory[schedule.name] = tick
                 await session.persist()  # publish, then record: a crash here repeats one tick
-            if plan.done_through > session.memory[schedule.name]:
-                session.memory[schedule.name] = plan.done_through
-                dirty = True
+            else:
+                dirty |= self._skip_through(session, schedule, plan)
         if dirty:
             await session.persist()
 
-    async def _publish_tick(self, channel: Channel, schedule: Schedule, tick: datetime) -> None:
+    def _skip_through(self, session: TokenSession, schedule: Schedule, plan: TickPlan) -> bool:
+        """Record the ticks the plan skipped as done; True when that changed the state."""
+        if plan.done_through > session.memory[schedule.name]:
+            session.memory[schedule.name] = plan.done_through
+            return True
+        return False
+
+    async def _publish_tick(self, channel: Channel, schedule: Schedule, tick: datetime) -> bool:
+        """Publish one tick's job: True when the tick is done with (published, or skipped
+        with an error logged), False when the broker refused it (tried again later)."""
         job_id = tick_job_id(self.app.exchange, schedule.name, tick)
         fields = {"schedule": schedule.name, "tick": tick.isoformat(), "message_id": job_id}
+        headers = {SCHEDULED_FOR: tick.isoformat(), SCHEDULE: schedule.name}
         try:
-            job = schedule.job_for(tick)
-        except Exception:
+            message = encode(schedule.job_for(tick), message_id=job_id, headers=headers)
+        except Exception:  # the factory failed, or its job does not serialise
             log.exception(
                 "schedule %s: making the job failed; tick %s skipped",
                 schedule.name,
                 tick.isoformat(),
                 extra={"action": "tick_failed", **fields},
             )
-            return
-        headers = {SCHEDULED_FOR: tick.isoformat(), SCHEDULE: schedule.name}
-        message = encode(job, message_id=job_id, headers=headers)
+            return True
         try:
             await channel.publish(message, self.app.exchange, message.job_name or "")
-        except UnroutableJob as exc:
+        except (UnroutableJob, UnencodableMessage) as exc:
+            action = "tick_unroutable" if isinstance(exc, UnroutableJob) else "tick_failed"
             log.error(
-                "%s; tick %s skipped",
+                "%s; tick %s skipped", exc, tick.isoformat(), extra={"action": action, **fields}
+            )
+            return True
+        except PublishNacked as exc:  # e.g. a full queue with overflow=reject-publish
+            log.error(
+                "%s; tick %s is tried again at the next wake",
                 exc,
                 tick.isoformat(),
-                extra={"action": "tick_unroutable", **fields},
+                extra={"action": "tick_refused", **fields},
             )
-            return
+            return False
         self.published += 1
         log.info(
             "scheduled %s for %s",
@@ -281,6 +309,7 @@ class Scheduler:
             tick.isoformat(),
             extra={"action": "scheduled", **fields},
         )
+        return True
 
 
 async def run_scheduler(app: App, settings: Settings | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,9 @@ DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # RabbitMQ default consumer_timeout (3.8.17+): a delivery unacked longer closes the channel.
 BROKER_CONSUMER_TIMEOUT_DEFAULT_S = 1800.0
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+# Finite: an infinite grace or timeout is a drain, publish or connect that may never end.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class Settings(BaseModel):
@@ -75,7 +78,8 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     health_port: Annotated[int, Field(ge=0, le=65535)] | None = None
-    health_host: str = "0.0.0.0"  # probes come from the kubelet, not from this host
+    # Loopback unless asked: Kubernetes httpGet probes need "0.0.0.0" (deploy/k8s sets it).
+    health_host: str = "127.0.0.1"
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +98,12 @@ class Settings(BaseModel):
         urls = _split_urls(value.get_secret_value())
         if not urls:
             raise ValueError("BROKERJOBS_URL is empty")
+        if len(urls) > 1 and not all(_SCHEME.match(u) for u in urls):
+            # Most likely a ',' in a password cut the URL in two: echo no part of it.
+            raise ValueError(
+                "BROKERJOBS_URL lists nodes separated by ',' and one part does not start with "
+                "amqp:// or amqps://: percent-encode a ',' in a user or password as %2C"
+            )
         for raw in urls:
             _check_one_url(raw)
         if len({urlsplit(u).scheme for u in urls}) > 1:
@@ -104,7 +114,11 @@ class Settings(BaseModel):
     def _check_tls_files(self) -> Settings:
         for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
             path = getattr(self, name)
-            if path is not None and not path.is_file():
+            try:
+                missing = path is not None and not path.is_file()
+            except OSError:  # a name too long for the file system, say
+                missing = True
+            if missing:
                 raise ValueError(f"BROKERJOBS_{name.upper()} {str(path)!r} is not a readable file")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
@@ -166,8 +180,14 @@ class Settings(BaseModel):
 
 def _check_one_url(raw: str) -> None:
     # Never echo a URL that did not parse: its password may sit where no redaction looks.
-    host = raw.rpartition("@")[2] if "@" in raw else raw.partition("://")[2]
-    parts = urlsplit(raw)
+    host = raw.rpartition("@")[2] if "@" in raw else _mask_after_colon(raw.partition("://")[2])
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # its message quotes the netloc, password included
+        raise ValueError(
+            "BROKERJOBS_URL does not parse: '[' or ']' outside an IPv6 host; percent-encode "
+            "them in a user or password (as %5B and %5D)"
+        ) from None
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"BROKERJOBS_URL must start with amqp:// or amqps:// (host part {host!r})")
     if "@" in parts.path + parts.query + parts.fragment or parts.fragment:
@@ -178,11 +198,28 @@ def _check_one_url(raw: str) -> None:
     if not parts.hostname:
         raise ValueError(f"BROKERJOBS_URL has no host (host part {host!r})")
     try:
-        parts.port  # noqa: B018 - parsing is the check
+        raw.encode()  # bytes that are not UTF-8 (surrogates here) are dropped by yarl, silently
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            f"BROKERJOBS_URL is not valid UTF-8 or its host is no host name (host part {host!r}): "
+            "percent-encode other bytes of a user or password; each part of a host name is "
+            "1 to 63 characters"
+        ) from None
+    try:
+        port = parts.port
     except ValueError:
+        port = 0
+    if port == 0:  # aio-pika would quietly take port 0 for the default, 5672
         raise ValueError(
             f"BROKERJOBS_URL has an invalid port in {host!r}: give a number from 1 to 65535"
-        ) from None
+        )
+
+
+def _mask_after_colon(netloc: str) -> str:
+    """``user:password`` (a URL without ``@``) shown as ``user:***``."""
+    name, colon, _ = netloc.partition(":")
+    return f"{name}:***" if colon else netloc
 
 
 def _split_urls(value: str) -> list[str]:

@@ -94,9 +94,12 @@ def health(port: int | None, live: bool) -> int:
     if port is None:
         raise CliError("give --port or set BROKERJOBS_HEALTH_PORT", Exit.USAGE)
     path = "/healthz" if live else "/readyz"
+    # Where the worker listens: loopback is one of a wildcard's addresses, not of any other.
+    wildcard = settings.health_host in ("", "0.0.0.0", "::")
+    host = "127.0.0.1" if wildcard else settings.health_host
 
     async def check() -> int:
-        healthy = await asyncio.to_thread(probe, port, path)
+        healthy = await asyncio.to_thread(probe, port, path, host)
         click.echo(f"{path}: {'ok' if healthy else 'FAILING'}")
         return Exit.OK if healthy else Exit.FAILURE
 

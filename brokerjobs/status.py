@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from asyncio import AbstractEventLoop
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +28,13 @@ from brokerjobs.broker.base import Broker, MessageChannel
 from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int, new_job_id
-from brokerjobs.errors import BrokerUnreachable, ConnectionLost, UnroutableJob
+from brokerjobs.errors import (
+    BrokerJobsError,
+    BrokerUnreachable,
+    ConnectionLost,
+    TopologyError,
+    UnroutableJob,
+)
 from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings
 from brokerjobs.topology import status_exchange_name
@@ -35,6 +42,7 @@ from brokerjobs.topology import status_exchange_name
 log = logging.getLogger("brokerjobs.status")
 
 State = Literal["waiting", "active", "retried", "completed", "parked"]
+REBIND_INTERVAL_S = 10.0
 FINAL_STATES = frozenset({"completed", "parked"})
 _RANK = {"waiting": 0, "active": 1, "retried": 2, "completed": 3, "parked": 3}
 
@@ -99,22 +107,20 @@ class StatusEmitter:
             pass  # nobody is tracking this job type: fine
         except ConnectionLost as exc:
             log.debug("status event for %s lost: %s", status.job_id, exc)
+        except BrokerJobsError as exc:  # the exchange deleted, a nack: best effort, but said
+            log.warning("status event for %s lost: %s", status.job_id, exc)
 
     def emit_soon(self, status: JobStatus) -> None:
-        task = asyncio.get_running_loop().create_task(self.emit(status))
+        self.run_soon(lambda: self.emit(status))
+
+    def run_soon(self, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.get_running_loop().create_task(send())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     def bind_progress(self, base: JobStatus) -> object:
         """Route report_progress() calls of the current job to status events."""
-        loop = asyncio.get_running_loop()
-
-        def sink(percent: float, message: str) -> None:
-            event = base.model_copy(update={"progress": percent, "message": message or None})
-            event.at = datetime.now(UTC)
-            loop.call_soon_threadsafe(self.emit_soon, event)
-
-        return _progress_sink.set(sink)
+        return _progress_sink.set(_Progress(self, base, asyncio.get_running_loop()).offer)
 
     @staticmethod
     def unbind_progress(token: object) -> None:
@@ -122,6 +128,37 @@ class StatusEmitter:
 
     def reporter(self, delivery: Delivery, job: str) -> StatusReporter:
         return StatusReporter(self, delivery, job)
+
+
+class _Progress:
+    """One job's progress events: the newest value only, one publish at a time. A handler
+    reporting once per row of a 200,000-row file must not queue 200,000 publishes (minutes of
+    them, ahead of the job's final event and its ack)."""
+
+    def __init__(self, emitter: StatusEmitter, base: JobStatus, loop: AbstractEventLoop):
+        self._emitter, self._base, self._loop = emitter, base, loop
+        self._latest: tuple[float, str, datetime] | None = None
+        self._sending = False
+
+    def offer(self, percent: float, message: str) -> None:
+        """From the handler: its thread, or the loop."""
+        self._latest = (percent, message, datetime.now(UTC))  # replaces one not sent yet
+        if not self._sending:
+            self._sending = True
+            self._loop.call_soon_threadsafe(self._emitter.run_soon, self._send)
+
+    async def _send(self) -> None:
+        while True:
+            latest, self._latest = self._latest, None
+            if latest is None:
+                self._sending = False
+                if self._latest is None:  # else offered between the two looks: go on
+                    return
+                self._sending = True
+                continue
+            percent, message, at = latest
+            update = {"progress": percent, "message": message or None, "at": at}
+            await self._emitter.emit(self._base.model_copy(update=update))
 
 
 class StatusReporter:
@@ -196,6 +233,7 @@ class MemoryStatusStore:
 class _Subscription:
     connection: Connection
     channel: Channel
+    queue: str
 
 
 def _report_end(task: asyncio.Task[None]) -> None:
@@ -219,12 +257,16 @@ class StatusTracker:
         store: StatusStore | None = None,
         patterns: tuple[str, ...] = ("#",),
         broker: Broker | None = None,
+        rebind_interval: float = REBIND_INTERVAL_S,
     ) -> None:
+        """``rebind_interval``: seconds between re-declaring the status exchange and the
+        subscription's bindings, which deleting the exchange removes without telling anyone."""
         self.settings = settings
         self.broker = broker or default_broker(settings)
         self.exchange = exchange
         self.store: StatusStore = store or MemoryStatusStore()
         self._patterns = patterns
+        self._rebind_interval = rebind_interval
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._sessions: SessionSupervisor[_Subscription] = SessionSupervisor(
@@ -272,14 +314,17 @@ class StatusTracker:
 
     async def open_session(self, connection: Connection) -> _Subscription:
         channel = await connection.channel(confirms=False, prefetch=1000)
-        exchange = status_exchange_name(self.exchange)
-        await channel.declare_exchange(exchange, "topic")
         queue = await channel.declare_private_queue()
-        for pattern in self._patterns:
-            await channel.bind(queue, exchange, pattern)
+        await self._bind(channel, queue)
         await channel.consume(queue, self._on_event, no_ack=True)
         self.ready.set()
-        return _Subscription(connection, channel)
+        return _Subscription(connection, channel, queue)
+
+    async def _bind(self, channel: Channel, queue: str) -> None:
+        exchange = status_exchange_name(self.exchange)
+        await channel.declare_exchange(exchange, "topic")
+        for pattern in self._patterns:
+            await channel.bind(queue, exchange, pattern)
 
     async def serve_session(self, session: _Subscription, stop: asyncio.Event) -> str | None:
         stopping = asyncio.ensure_future(stop.wait())
@@ -288,8 +333,13 @@ class StatusTracker:
             session.connection.lost,
             session.channel.closing,
         }
-        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
+        try:
+            while not (await asyncio.wait(watched, timeout=self._rebind_interval))[0]:
+                await self._bind(session.channel, session.queue)
+        except (ConnectionLost, TopologyError) as exc:
+            return f"status tracker could not renew its subscription ({exc}); resubscribing"
+        finally:
+            stopping.cancel()
         return None if stop.is_set() else "status tracker lost its subscription; resubscribing"
 
     async def close_session(self, session: _Subscription, *, stopping: bool) -> None:

@@ -80,12 +80,17 @@ class Supervisor:
     async def run(self) -> int:
         health = HealthServer(lambda: self.ready, self.details)
         if self.settings.health_port is not None:
-            await health.start(self.settings.health_port)
+            await health.start(self.settings.health_port, self.settings.health_host)
             self.health_port = health.port
         tasks = [asyncio.create_task(self._keep_running(child)) for child in self._children]
         prober = asyncio.create_task(self._probe_children())
         try:
             await self._stop.wait()
+            # The restart loops end first: one caught spawning a child would set child.process
+            # after _stop_child looked, and that worker would outlive the supervisor.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             codes = await asyncio.gather(*(self._stop_child(c) for c in self._children))
         finally:
             prober.cancel()
@@ -116,6 +121,8 @@ class Supervisor:
             child.restarts += 1
 
     async def _start(self, child: _Child) -> None:
+        if child.exit_codes:  # a fresh port: the last may have been taken since it was chosen
+            child.health_port = _free_loopback_port()
         env = dict(os.environ)
         env["BROKERJOBS_HEALTH_PORT"] = str(child.health_port)
         env["BROKERJOBS_HEALTH_HOST"] = "127.0.0.1"

@@ -97,6 +97,9 @@ class Broker:
     def track_queue(self, name: str) -> None:
         self._queues.add(name)
 
+    def track_exchange(self, name: str) -> None:
+        self._exchanges.add(name)
+
     async def depth(self, queue: str) -> int:
         return (await self.state(queue)).messages
 
