@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -37,6 +37,9 @@ from brokerjobs.settlement import Settlement
 from brokerjobs.signals import PermanentFailure, RetryLater, SkipJob
 from brokerjobs.telemetry import Telemetry
 
+if TYPE_CHECKING:
+    from brokerjobs.status_events import StatusChannel
+
 log = logging.getLogger("brokerjobs.consumer")
 
 _SIGNALS = (RetryLater, PermanentFailure, SkipJob, StillRunning)
@@ -54,20 +57,25 @@ def build_consumer(
     executors: Executors,
     telemetry: Telemetry,
     extra: Sequence[Middleware] = (),
+    status: StatusChannel | None = None,
 ) -> QueueConsumer:
-    """A queue's consumer as the worker runs it, with its pipeline of middleware."""
+    """A queue's consumer as the worker runs it, with its pipeline of middleware (status events
+    go out on ``status``, given where the app tracks status)."""
     return QueueConsumer(
         queue,
         app.handlers(queue),
         Settlement(channel, queue, telemetry),
         settings,
         executors,
-        delivery_pipeline(app, channel, telemetry, extra),
+        delivery_pipeline(app, status, telemetry, extra),
     )
 
 
 def delivery_pipeline(
-    app: App, channel: MessageChannel, telemetry: Telemetry, extra: Sequence[Middleware] = ()
+    app: App,
+    status: StatusChannel | None,
+    telemetry: Telemetry,
+    extra: Sequence[Middleware] = (),
 ) -> Pipeline:
     """Telemetry first (its span holds every later hook), then status events, the app's
     middleware, the given ones, and the outcome log line last."""
@@ -79,7 +87,9 @@ def delivery_pipeline(
     if app.track_status:
         from brokerjobs.status_events import StatusEvents  # loaded only by apps that track status
 
-        built_in.append(StatusEvents(channel, app.exchange))
+        if status is None:
+            raise ValueError(f"app {app.name!r} tracks status: its consumers need a StatusChannel")
+        built_in.append(StatusEvents(status, app.exchange))
     watch = _slow_job_alert(app, telemetry)
     return Pipeline([*built_in, *app.middleware, *extra, *watch, LogOutcomes()])
 

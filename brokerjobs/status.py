@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from brokerjobs.broker import default_broker
-from brokerjobs.broker.base import Broker, MessageChannel
+from brokerjobs.broker.base import Broker
 from brokerjobs.broker.base import BrokerChannel as Channel
 from brokerjobs.broker.base import BrokerConnection as Connection
 from brokerjobs.envelope import REPLAYS, Delivery, OutgoingMessage, header_int, new_job_id
@@ -88,10 +88,15 @@ def report_progress(percent: float, message: str = "") -> None:
         sink(max(0.0, min(100.0, float(percent))), message)
 
 
-class StatusEmitter:
-    """Publishes status events for one queue's jobs on that queue's channel."""
+class Publishing(Protocol):
+    async def publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
+        """Publish and wait for the confirm."""
 
-    def __init__(self, channel: MessageChannel, exchange: str) -> None:
+
+class StatusEmitter:
+    """Publishes status events for one queue's jobs."""
+
+    def __init__(self, channel: Publishing, exchange: str) -> None:
         self._channel = channel
         self._exchange = status_exchange_name(exchange)
         self._pending: set[asyncio.Task[None]] = set()

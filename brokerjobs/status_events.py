@@ -3,16 +3,43 @@ ack, "retried" or "parked" once the retry or parking copy is confirmed."""
 
 from __future__ import annotations
 
-from brokerjobs.broker.base import MessageChannel
+import asyncio
+
+from brokerjobs.broker.base import BrokerChannel, BrokerConnection
+from brokerjobs.envelope import OutgoingMessage
 from brokerjobs.middleware import JobRun, Middleware
 from brokerjobs.outcomes import Outcome
 from brokerjobs.status import StatusEmitter, StatusReporter
 
 
-class StatusEvents(Middleware):
-    """Publishes each job's states to ``<exchange>.status`` on the consumer's channel."""
+class StatusChannel:
+    """The status events' own channel on a worker's connection, opened on first use and again
+    after the broker closed it: a publish to a deleted status exchange closes its channel, and
+    on a consumer's channel every job in flight would be given back and run again."""
 
-    def __init__(self, channel: MessageChannel, exchange: str) -> None:
+    def __init__(self, connection: BrokerConnection) -> None:
+        self._connection = connection
+        self._channel: BrokerChannel | None = None
+        self._opening = asyncio.Lock()
+
+    async def publish(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            async with self._opening:
+                if self._channel is None or self._channel.is_closed:
+                    self._channel = await self._connection.channel(confirms=True)
+                channel = self._channel
+        await channel.publish(message, exchange, routing_key)
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+
+class StatusEvents(Middleware):
+    """Publishes each job's states to ``<exchange>.status`` on the worker's status channel."""
+
+    def __init__(self, channel: StatusChannel, exchange: str) -> None:
         self._emitter = StatusEmitter(channel, exchange)
 
     async def before_handler(self, run: JobRun) -> None:

@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from brokerjobs import obsolete_check
 from brokerjobs.app import App
@@ -31,6 +31,9 @@ from brokerjobs.provision import declare
 from brokerjobs.sessions import SessionSupervisor
 from brokerjobs.settings import Settings, load_settings
 from brokerjobs.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from brokerjobs.status_events import StatusChannel
 
 log = logging.getLogger("brokerjobs.worker")
 
@@ -49,6 +52,7 @@ class _Session:
     """One connection's worth of channels and consumers."""
 
     connection: Connection
+    status: StatusChannel | None = None  # where the app tracks status
     channels: list[Channel] = field(default_factory=list)
     consumers: list[tuple[Channel, str, QueueConsumer]] = field(default_factory=list)
 
@@ -255,7 +259,7 @@ class Worker:
 
     async def open_session(self, connection: Connection) -> _Session:
         """A session: the topology declared and a consumer on every queue."""
-        session = _Session(connection)
+        session = _Session(connection, _status_channel(self.app, connection))
         self._check_priorities(connection.server_version)
         await declare(connection, self.topology)
         for queue in self.queues:
@@ -300,6 +304,7 @@ class Worker:
             self._executors,
             self.telemetry,
             self._middleware,
+            session.status,
         )
         tag = await channel.consume(queue, consumer.on_delivery)
         session.consumers.append((channel, tag, consumer))
@@ -322,6 +327,8 @@ class Worker:
         # connection close can drop them, and the jobs would be delivered again).
         for channel in session.channels:
             await channel.close()
+        if session.status is not None:
+            await session.status.close()
         await session.connection.close()
         log.info("worker stopped")
 
@@ -345,3 +352,11 @@ async def run_worker(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def _status_channel(app: App, connection: Connection) -> StatusChannel | None:
+    if not app.track_status:
+        return None
+    from brokerjobs.status_events import StatusChannel  # loaded only by apps that track status
+
+    return StatusChannel(connection)

@@ -82,12 +82,6 @@ async def test_the_memory_store_is_bounded_and_keeps_the_newest_jobs() -> None:
     assert [await store.get(i) is not None for i in ids] == [False] * 40 + [True] * 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StatusEvents publishes on the consumer's channel (consumer.py): a publish to a "
-    "deleted status exchange closes that channel, so every job in flight is requeued and run "
-    "again, and the worker reconnects; the events need a channel of their own",
-)
 async def test_deleting_the_status_exchange_re_runs_no_job(broker: Broker) -> None:
     app = App(unique("statusdel"), track_status=True)
     runs: Counter[int] = Counter()
