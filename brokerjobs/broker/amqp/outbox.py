@@ -152,7 +152,7 @@ class Outbox:
         return frame
 
     def _flush(self) -> None:
-        if self._ch.is_closed:
+        if _refusing(self._ch):
             return  # _closed fails what is pending
         pending, self._pending = self._pending, []
         confirmations = self._ch.confirmations
@@ -202,7 +202,7 @@ class Outbox:
     async def _drain_backlog(self) -> None:
         closing = self._ch.closing
         try:
-            while self._backlog and not closing.done():
+            while self._backlog and not _refusing(self._ch):
                 put = asyncio.ensure_future(self._ch.write_queue.put(self._backlog[0]))
                 await asyncio.wait((put, closing), return_when=asyncio.FIRST_COMPLETED)
                 if not put.done():
@@ -215,6 +215,13 @@ class Outbox:
             self._drainer = None
             if closing.done():
                 self._backlog.clear()
+
+
+def _refusing(channel: Any) -> bool:
+    """Closed, or closing: aiormq queues its close-ok as soon as the broker's Channel.Close
+    arrives but marks the channel closed only later, and a frame written after that close-ok
+    makes RabbitMQ 4 close the whole connection (504 "expected 'channel.open'")."""
+    return bool(channel.is_closed or channel._close_exception is not None)
 
 
 class Window:
