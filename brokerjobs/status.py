@@ -339,7 +339,11 @@ class StatusTracker:
             session.channel.closing,
         }
         try:
-            while not (await asyncio.wait(watched, timeout=self._rebind_interval))[0]:
+            while not (
+                await asyncio.wait(
+                    watched, timeout=self._rebind_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+            )[0]:
                 await self._bind(session.channel, session.queue)
         except (ConnectionLost, TopologyError) as exc:
             return f"status tracker could not renew its subscription ({exc}); resubscribing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
 
@@ -59,6 +60,18 @@ async def test_a_tracker_follows_events_again_after_its_exchange_was_deleted(
             return False
 
         await wait_for(seen, 10)
+
+
+async def test_a_tracker_stops_at_once_not_at_its_next_rebind(broker: Broker) -> None:
+    exchange = unique("statusstop")
+    broker.track_exchange(status_exchange_name(exchange))
+    tracker = StatusTracker(make_settings(), exchange=exchange, rebind_interval=600)
+    await tracker.start()
+    closing = asyncio.ensure_future(tracker.close())
+    done, _ = await asyncio.wait({closing}, timeout=5)
+    # Its session waited for all of stop, a lost connection and a closed channel (ten minutes
+    # here), not for the first of them.
+    assert closing in done, "close() waited for the tracker's rebind timer"
 
 
 async def test_a_status_event_to_a_missing_exchange_is_logged_not_raised(
