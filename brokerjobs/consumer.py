@@ -20,7 +20,7 @@ from brokerjobs.envelope import Decoded, Delivery, decode
 from brokerjobs.errors import ConnectionLost, PublishError
 from brokerjobs.executors import Executors, StillRunning
 from brokerjobs.jobs import JobSpec
-from brokerjobs.middleware import JobRun, Middleware, Pipeline
+from brokerjobs.middleware import ANSWERS, JobRun, Middleware, Pipeline
 from brokerjobs.outcome_log import LogOutcomes
 from brokerjobs.outcomes import COMPLETED, REQUEUED, Outcome, Settled
 from brokerjobs.retry import (
@@ -230,17 +230,14 @@ class QueueConsumer:
         if isinstance(outcome, Completed):
             if run is not None:
                 run.result, run.skipped = outcome.result, outcome.skipped
-                hooks = pipeline.unwinding(pipeline.after_success, "after_success", run)
-                await pipeline.run(hooks, run)
+                await pipeline.run(pipeline.unwinding("after_success", run), run)
             await self._settlement.succeeded(delivery)
             done.append(COMPLETED if outcome.skipped is None else _skipped(outcome.skipped))
             return
         decision = self._settlement.decide(delivery, handler.retry, outcome)
         if run is not None:
             run.failure, run.decision = outcome, decision
-            await pipeline.run(
-                pipeline.unwinding(pipeline.after_failure, "after_failure", run), run
-            )
+            await pipeline.run(pipeline.unwinding("after_failure", run), run)
         decision = await self._settlement.carry_out(delivery, handler.retry, outcome, decision)
         if run is not None:
             run.decision = decision  # parked instead when its retry copy could not be sent
@@ -263,10 +260,11 @@ class QueueConsumer:
             if run is not None:
                 run.job, run.job_name, run.context = job, handler.job.name, context
                 await self._pipeline.run(self._pipeline.decoded, run)
-                try:
-                    await self._pipeline.before_handler_hooks(run)
-                except (RetryLater, PermanentFailure, SkipJob) as answer:
-                    return _answered(answer)  # the handler does not run
+                if self._pipeline.before_handler:
+                    try:
+                        await self._pipeline.before_handler_hooks(run)
+                    except ANSWERS as answer:
+                        return _answered(answer)  # the handler does not run
             return await self._invoke(handler, job, context.job_id)
         finally:
             reset_current(token)
@@ -292,7 +290,7 @@ class QueueConsumer:
             raise
         except StillRunning as exc:
             return Failure(FailureKind.RETRY_LATER, str(exc), None, "StillRunning")
-        except (RetryLater, PermanentFailure, SkipJob) as exc:
+        except ANSWERS as exc:
             return _answered(exc)
         except Exception as exc:
             return _error(exc)
@@ -336,13 +334,13 @@ def settled_by(failure: Failure, decision: Decision) -> Settled:
     return Settled(Outcome.PARKED, failure.error_type, decision.reason)
 
 
-def _answered(signal: RetryLater | PermanentFailure | SkipJob) -> Failure | Completed:
+def _answered(signal: Exception) -> Failure | Completed:
     """What a handler's (or a before-handler hook's) signal asks for."""
     if isinstance(signal, RetryLater):
         return Failure(FailureKind.RETRY_LATER, str(signal), signal.delay, "RetryLater")
     if isinstance(signal, PermanentFailure):
         return Failure(FailureKind.PERMANENT, str(signal), None, "PermanentFailure")
-    return Completed(None, skipped=str(signal) or "no reason given")
+    return Completed(None, skipped=str(signal) or "no reason given")  # a SkipJob
 
 
 def _skipped(reason: str) -> Settled:

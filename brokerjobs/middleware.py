@@ -196,14 +196,17 @@ class Pipeline:
         raised for the consumer to settle by."""
         for owner, hook in zip(self._owners["before_handler"], self.before_handler, strict=True):
             try:
-                await _call_each((hook,), run, answers=ANSWERS)
+                await hook(run)
             except ANSWERS:
                 run._answered_by = owner
                 raise
+            except Exception:
+                _log_failure(hook, run)
 
-    def unwinding(self, hooks: tuple[Hook, ...], point: str, run: JobRun) -> tuple[Hook, ...]:
-        """``hooks`` (an after-point's, ``point``) for the layers ``run`` entered: all, unless a
+    def unwinding(self, point: str, run: JobRun) -> tuple[Hook, ...]:
+        """The hooks of after-point ``point`` for the layers ``run`` entered: all, unless a
         before-handler hook answered: then that middleware's and those before it."""
+        hooks: tuple[Hook, ...] = getattr(self, point)
         answered_by = run._answered_by
         if answered_by is None:
             return hooks
@@ -228,27 +231,25 @@ class Pipeline:
 
 
 async def _call_each(
-    hooks: tuple[Callable[[Any], Any], ...],
-    arg: object,
-    *,
-    finish_all: bool = False,
-    answers: tuple[type[Exception], ...] = (),
+    hooks: tuple[Callable[[Any], Any], ...], arg: object, *, finish_all: bool = False
 ) -> None:
     cancelled: asyncio.CancelledError | None = None
     for hook in hooks:
         try:
             await hook(arg)
-        except answers:
-            raise
         except asyncio.CancelledError as exc:
             if not finish_all:
                 raise
             cancelled = exc
         except Exception:
-            where = f" on job {arg.job_id}" if isinstance(arg, JobRun) else ""
-            log.exception("middleware %s failed%s", _name(hook), where)
+            _log_failure(hook, arg)
     if cancelled is not None:
         raise cancelled
+
+
+def _log_failure(hook: Callable[..., Any], arg: object) -> None:
+    where = f" on job {arg.job_id}" if isinstance(arg, JobRun) else ""
+    log.exception("middleware %s failed%s", _name(hook), where)
 
 
 def _name(hook: Callable[..., Any]) -> str:

@@ -77,19 +77,18 @@ class Settlement:
         cannot be sent is the delivery rejected as it is, for the broker to dead-letter (at
         most once, with a producer's x-death as it is) instead of failing on every redelivery."""
         message = parked_message(delivery, self.queue, failure, decision, attempt)
-        if not await self._parked(message):
-            message.headers.pop(wire.ERROR_TRACEBACK, None)
-            if not await self._parked(message):
-                message.headers = _own_headers(message.headers)
-                if not await self._parked(message):
-                    log.error(
-                        "job %s: its parking copy cannot be sent (%s); rejected as it is",
-                        delivery.message_id,
-                        decision.reason,
-                    )
-                    await self.reject(delivery)
-                    return
-        await self._channel.ack(delivery.delivery_tag)
+        for smaller in (None, _without_traceback, _own_headers):
+            if smaller is not None:
+                message.headers = smaller(message.headers)
+            if await self._parked(message):
+                await self._channel.ack(delivery.delivery_tag)
+                return
+        log.error(
+            "job %s: its parking copy cannot be sent (%s); rejected as it is",
+            delivery.message_id,
+            decision.reason,
+        )
+        await self.reject(delivery)
 
     async def _parked(self, message: OutgoingMessage) -> bool:
         try:
@@ -167,6 +166,10 @@ _ENVELOPE = frozenset(
         wire.FIRST_FAILED_AT, wire.LAST_FAILED_AT, wire.PARKED_AT, wire.WORKER, wire.TRACE_ID,
     }
 )  # fmt: skip
+
+
+def _without_traceback(headers: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in headers.items() if k != wire.ERROR_TRACEBACK}
 
 
 def _own_headers(headers: dict[str, Any]) -> dict[str, Any]:
